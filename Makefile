@@ -1,0 +1,30 @@
+# Entry points. Every target is a thin wrapper around a script in hack/ or a cargo command.
+SHELL := /usr/bin/env bash
+.DEFAULT_GOAL := help
+
+.PHONY: help test crds cluster-up cluster-down lint fmt tools
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+test: ## Run every test against a real local control plane, Redis and Postgres (set up and torn down as needed)
+	hack/test.sh
+
+crds: ## Regenerate crds/*.yaml from the Rust types
+	cargo run --quiet --locked -p kubesaga-operator -- crd --out-dir crds
+
+cluster-up: ## Start the local control plane and install the CRDs; prints the KUBECONFIG export line
+	@eval "$$(hack/cluster.sh up)" && "$$KUBECTL" apply --server-side -f crds/ >&2 && hack/cluster.sh env
+
+cluster-down: ## Stop the local control plane, Redis and Postgres started by this checkout
+	hack/env.sh down
+
+lint: ## rustfmt and clippy, as CI runs them
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+fmt: ## Format the code
+	cargo fmt --all
+
+tools: ## Build the pinned control-plane binaries into the cache (done on demand by the other targets)
+	hack/build-tools.sh

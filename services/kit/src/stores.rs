@@ -1,0 +1,66 @@
+//! Connections to the Redis and Postgres servers a service uses.
+
+use std::{path::Path, time::Duration};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::{PgPool, migrate::Migrator, postgres::PgPoolOptions};
+
+use crate::KitError;
+
+/// How long start-up waits for a store before it reports the store as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a reconnecting Redis connection and checks it with a `PING`.
+pub async fn redis(url: &str) -> Result<ConnectionManager, KitError> {
+    let err = |source| KitError::Redis { url: redact(url), source };
+    let client = redis::Client::open(url).map_err(err)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_number_of_retries(2);
+    let mut conn = ConnectionManager::new_with_config(client, config).await.map_err(err)?;
+    redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(err)?;
+    Ok(conn)
+}
+
+/// Opens a Postgres pool and checks that the server answers.
+pub async fn postgres(url: &str, max_connections: u32) -> Result<PgPool, KitError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect(url)
+        .await
+        .map_err(|source| KitError::Postgres { url: redact(url), source })
+}
+
+/// Applies the migrations in `dir` (one `migrations/<service>` folder) that the database has not seen yet.
+pub async fn migrate(pool: &PgPool, dir: &Path) -> Result<(), KitError> {
+    Migrator::new(dir).await?.run(pool).await?;
+    Ok(())
+}
+
+/// The URL with any password replaced, so it can go into logs and error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(redact("postgres://app:s3cret@db:5432/order"), "postgres://app:***@db:5432/order");
+        assert_eq!(redact("redis://:pw@127.0.0.1:6379/0"), "redis://:***@127.0.0.1:6379/0");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("postgres://app@db/order"), "postgres://app@db/order");
+    }
+}

@@ -1,0 +1,86 @@
+//! The real API server: clients, CRDs and per-test namespaces.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::Namespace, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::{conditions, wait::await_condition},
+};
+
+use crate::required_env;
+
+/// A client for the API server named by `KUBECONFIG`.
+pub async fn client() -> Client {
+    required_env("KUBECONFIG");
+    Client::try_default().await.expect("a kube client from KUBECONFIG")
+}
+
+/// The `kubectl` built for this control plane (`KUBECTL`), so tests exercise what users run.
+pub fn kubectl() -> Command {
+    let mut cmd = Command::new(PathBuf::from(required_env("KUBECTL")));
+    cmd.env("KUBECONFIG", required_env("KUBECONFIG"));
+    cmd
+}
+
+/// Installs (or updates) CRDs by server-side apply and waits until the API server serves them.
+pub async fn install_crds(client: &Client, crds: &[CustomResourceDefinition]) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("kubesaga-tests").force();
+    for crd in crds {
+        let name = crd.name_any();
+        api.patch(&name, &params, &Patch::Apply(crd)).await.expect("apply CRD");
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {name} not established within 30s"))
+        .expect("watch CRD");
+    }
+}
+
+/// A namespace for one test. [`TestNamespace::delete`] removes it when the test passed; a failing test never
+/// reaches that call, so its objects stay for inspection. `KUBESAGA_KEEP_NAMESPACES=1` keeps every one.
+pub struct TestNamespace {
+    /// The namespace's name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `<prefix>-<random>`.
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", crate::unique_suffix());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "kubesaga.dev/test": "true" } }
+        }))
+        .expect("namespace object");
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create test namespace");
+        Self { name, client: client.clone() }
+    }
+
+    /// An API of namespaced objects in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    /// Deletes the namespace, unless `KUBESAGA_KEEP_NAMESPACES` asks to keep it.
+    pub async fn delete(self) {
+        if std::env::var_os("KUBESAGA_KEEP_NAMESPACES").is_some() {
+            eprintln!("keeping namespace {}", self.name);
+            return;
+        }
+        Api::<Namespace>::all(self.client)
+            .delete(&self.name, &DeleteParams::background())
+            .await
+            .expect("delete test namespace");
+    }
+}
