@@ -1,31 +1,17 @@
 //! The generated CRDs on a real API server: they install, `kubectl apply` of an example works, and the API
 //! server itself rejects a manifest that breaks the schema, naming the field.
 
-use std::{io::Write, path::Path, process::Stdio};
+use std::path::Path;
 
 use kube::api::PostParams;
 use kubesaga_operator::crd::{HttpMethod, Saga};
-use kubesaga_testkit::{TestNamespace, client, install_crds, kubectl};
+use kubesaga_testkit::{TestNamespace, client, install_crds, kubectl_apply};
 
 async fn setup(prefix: &str) -> TestNamespace {
     let client = client().await;
     let crds: Vec<_> = kubesaga_operator::crd::all().into_iter().map(|(_, crd)| crd).collect();
     install_crds(&client, &crds).await;
     TestNamespace::create(&client, prefix).await
-}
-
-/// Runs `kubectl apply -f -` with `manifest` on stdin; returns (success, stderr).
-fn kubectl_apply(namespace: &str, manifest: &str) -> (bool, String) {
-    let mut child = kubectl()
-        .args(["apply", "--namespace", namespace, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run kubectl");
-    child.stdin.take().expect("stdin").write_all(manifest.as_bytes()).expect("write manifest");
-    let out = child.wait_with_output().expect("wait for kubectl");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test]

@@ -1,6 +1,11 @@
 //! The real API server: clients, CRDs and per-test namespaces.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::core::v1::Namespace, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -24,6 +29,20 @@ pub fn kubectl() -> Command {
     let mut cmd = Command::new(PathBuf::from(required_env("KUBECTL")));
     cmd.env("KUBECONFIG", required_env("KUBECONFIG"));
     cmd
+}
+
+/// Runs `kubectl apply -f -` in `namespace` with `manifest` on stdin; returns whether it succeeded, and its stderr.
+pub fn kubectl_apply(namespace: &str, manifest: &str) -> (bool, String) {
+    let mut child = kubectl()
+        .args(["apply", "--namespace", namespace, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child.stdin.take().expect("stdin").write_all(manifest.as_bytes()).expect("write manifest");
+    let out = child.wait_with_output().expect("wait for kubectl");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 /// Installs (or updates) CRDs by server-side apply and waits until the API server serves them.

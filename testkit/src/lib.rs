@@ -11,7 +11,7 @@
 
 mod kubernetes;
 
-pub use kubernetes::{TestNamespace, client, install_crds, kubectl};
+pub use kubernetes::{TestNamespace, client, install_crds, kubectl, kubectl_apply};
 
 /// Reads a variable `make test` sets, or fails the test saying how to run it.
 pub fn required_env(name: &str) -> String {

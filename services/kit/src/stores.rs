@@ -14,9 +14,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn redis(url: &str) -> Result<ConnectionManager, KitError> {
     let err = |source| KitError::Redis { url: redact(url), source };
     let client = redis::Client::open(url).map_err(err)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_number_of_retries(2);
+    let config = ConnectionManagerConfig::new().set_connection_timeout(Some(CONNECT_TIMEOUT)).set_number_of_retries(2);
     let mut conn = ConnectionManager::new_with_config(client, config).await.map_err(err)?;
     redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(err)?;
     Ok(conn)

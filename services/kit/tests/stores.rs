@@ -30,11 +30,11 @@ async fn postgres_migrates_an_empty_set_and_round_trips() {
 #[tokio::test]
 async fn unreachable_servers_are_reported_with_what_to_check() {
     // Port 1 is reserved and never served on loopback here, so the connection is refused at once.
-    let err = stores::redis("redis://127.0.0.1:1").await.err().expect("no Redis on port 1");
+    let err = stores::redis("redis://127.0.0.1:1").await.expect_err("no Redis on port 1");
     assert!(matches!(err, KitError::Redis { .. }));
     assert!(err.to_string().contains("check REDIS_URL"), "{err}");
 
-    let err = stores::postgres("postgres://app:secret@127.0.0.1:1/db", 1).await.err().expect("no Postgres on port 1");
+    let err = stores::postgres("postgres://app:secret@127.0.0.1:1/db", 1).await.expect_err("no Postgres on port 1");
     let message = err.to_string();
     assert!(message.contains("check DATABASE_URL") && !message.contains("secret"), "{message}");
 }
