@@ -1,13 +1,15 @@
 //! Custom resource types of the `kubesaga.dev` API group.
 
+mod duration;
 mod outbox_relay;
 mod saga;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+pub use duration::{Duration, DurationError};
 pub use outbox_relay::{OutboxRelay, OutboxRelaySpec, OutboxRelayStatus};
-pub use saga::{HttpCall, HttpMethod, Saga, SagaPhase, SagaSpec, SagaStatus, Step};
+pub use saga::*;
 
 /// The API group of every kubesaga resource.
 pub const GROUP: &str = "kubesaga.dev";
