@@ -2,5 +2,11 @@
 //!
 //! - [`crd`] holds the `Saga` and `OutboxRelay` resource types; the CRD manifests in `crds/` are generated from
 //!   them (`make crds`), never edited by hand.
+//! - [`saga`] drives sagas: the pure decision ([`saga::plan`]) and the reconciler that performs it.
+//! - [`run`] wires the controllers, leader election and the metrics and health endpoints together.
 
 pub mod crd;
+pub mod error;
+pub mod metrics;
+pub mod run;
+pub mod saga;

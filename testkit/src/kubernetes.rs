@@ -62,6 +62,30 @@ pub async fn install_crds(client: &Client, crds: &[CustomResourceDefinition]) {
     }
 }
 
+/// Waits up to `timeout` until the object named `name` satisfies `condition`; on timeout the test fails showing
+/// the object as it was last seen.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, condition: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize + Send + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let cond = |object: Option<&K>| object.is_some_and(&condition);
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, cond)).await {
+        Ok(Ok(Some(object))) => object,
+        Ok(Ok(None)) => panic!("{name} is gone"),
+        Ok(Err(err)) => panic!("watching {name} failed: {err}"),
+        Err(_) => {
+            let last = api.get_opt(name).await.ok().flatten();
+            let shown = last.map(|o| pretty_json(&o)).unwrap_or_else(|| "<gone>".into());
+            panic!("{name} did not reach the expected state within {timeout:?}; last seen:\n{shown}")
+        }
+    }
+}
+
+fn pretty_json<K: serde::Serialize>(object: &K) -> String {
+    serde_json::to_string_pretty(object).unwrap_or_default()
+}
+
 /// A namespace for one test. [`TestNamespace::delete`] removes it when the test passed; a failing test never
 /// reaches that call, so its objects stay for inspection. `KUBESAGA_KEEP_NAMESPACES=1` keeps every one.
 pub struct TestNamespace {

@@ -10,8 +10,12 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod kubernetes;
+mod target;
+mod operator;
 
-pub use kubernetes::{TestNamespace, client, install_crds, kubectl, kubectl_apply};
+pub use kubernetes::{TestNamespace, client, install_crds, kubectl, kubectl_apply, wait_for};
+pub use operator::OperatorProcess;
+pub use target::{Behaviour, RecordedRequest, RequestOutcome, StepTarget};
 
 /// Reads a variable `make test` sets, or fails the test saying how to run it.
 pub fn required_env(name: &str) -> String {

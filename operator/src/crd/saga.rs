@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -243,10 +243,10 @@ pub struct SagaStatus {
     pub conditions: Vec<Condition>,
     /// When the operator first acted on the saga; the deadline counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<Time>,
+    pub started_at: Option<MicroTime>,
     /// When the saga reached `Succeeded`, `Compensated` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<Time>,
+    pub finished_at: Option<MicroTime>,
     /// Name of the step being run or compensated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step: Option<String>,
@@ -336,13 +336,13 @@ pub struct CallStatus {
     pub attempts: u32,
     /// When the first attempt started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<Time>,
+    pub started_at: Option<MicroTime>,
     /// When the call succeeded or gave up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<Time>,
+    pub finished_at: Option<MicroTime>,
     /// When the next attempt is due, while the call waits to retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<Time>,
+    pub next_attempt_at: Option<MicroTime>,
     /// HTTP status of the last response, if one came.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_http_status: Option<u16>,

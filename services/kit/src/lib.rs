@@ -5,6 +5,6 @@ pub mod error;
 pub mod health;
 pub mod server;
 pub mod stores;
-pub mod telemetry;
 
 pub use error::KitError;
+pub use kubesaga_telemetry as telemetry;

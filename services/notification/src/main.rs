@@ -15,7 +15,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kubesaga_kit::telemetry::init();
+    let _telemetry = kubesaga_kit::telemetry::init("notification");
     let args = Args::parse();
     kubesaga_kit::server::run("notification", &args.serve, kubesaga_kit::health::router()).await
 }

@@ -15,7 +15,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kubesaga_kit::telemetry::init();
+    let _telemetry = kubesaga_kit::telemetry::init("payment");
     let args = Args::parse();
     kubesaga_kit::server::run("payment", &args.serve, kubesaga_kit::health::router()).await
 }
