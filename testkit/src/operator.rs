@@ -83,6 +83,16 @@ impl OperatorProcess {
         }
     }
 
+    /// Waits until the process exits by itself (fault injection aborts it), failing the test after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.exited() {
+            assert!(tokio::time::Instant::now() < deadline, "the operator did not exit within {timeout:?}:\n{}", self.log());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.child = None;
+    }
+
     /// Starts the process again after [`OperatorProcess::kill`].
     pub fn restart(&mut self) {
         self.kill();

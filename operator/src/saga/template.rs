@@ -11,7 +11,8 @@
 //! There is no escaping and there are no filters. A value becomes text as-is for strings and as compact JSON for
 //! everything else. In a URL's path, query and fragment the text is percent-encoded, so a value is always data and
 //! never changes the URL's structure; in the scheme, host and port (before the path) a value that would change the
-//! structure is refused instead, as encoding it would only produce a URL that does not work. In `body`, a string
+//! structure is refused instead, as encoding it would only produce a URL that does not work. A header value
+//! refuses values with control characters (which could inject headers) or non-ASCII ones. In `body`, a string
 //! that is exactly one template (nothing around the braces) takes the referenced value with its JSON type.
 //!
 //! Errors carry a location relative to the call (`url`, `headers.X-Tenant`, `body.items[2].sku`);
