@@ -2,13 +2,16 @@
 SHELL := /usr/bin/env bash
 .DEFAULT_GOAL := help
 
-.PHONY: help test crds cluster-up cluster-down lint fmt tools
+.PHONY: help test bench crds cluster-up cluster-down lint fmt tools
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 test: ## Run every test against a real local control plane, Redis and Postgres (set up and torn down as needed)
 	hack/test.sh
+
+bench: ## Benchmark the Saga controller on the local control plane (release build; see BENCHMARKS.md)
+	hack/bench.sh
 
 crds: ## Regenerate crds/*.yaml from the Rust types
 	cargo run --quiet --locked -p kubesaga-operator -- crd --out-dir crds

@@ -98,7 +98,7 @@ fn run_operator(args: RunArgs) -> Result<(), String> {
         cluster_domain: args.cluster_domain,
         concurrency: args.concurrency,
         listen: args.listen,
-        leader_election: (!args.no_leader_election).then(|| LeaderElection {
+        leader_election: (!args.no_leader_election).then_some(LeaderElection {
             namespace: args.lease_namespace,
             lease_name: args.lease_name,
             identity,

@@ -1,5 +1,7 @@
 //! The Saga controller end to end: a real API server, the operator as a process, steps served by test targets.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The Saga controller under crashes, deletion, outages, competition and load.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod support;
 
 use std::time::Duration;

@@ -74,6 +74,26 @@ pub fn join_trace(span: &tracing::Span, trace_id: &str) {
     let _ = span.set_parent(Context::new().with_remote_span_context(parent));
 }
 
+/// Makes `span` a child of the W3C trace context in `headers` (an incoming request's `traceparent`), if any.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
 /// The W3C `traceparent` of `span` when it is being traced (`OTEL_EXPORTER_OTLP_ENDPOINT` set), so the callee's
 /// spans become its children.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {

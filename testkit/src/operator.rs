@@ -52,7 +52,8 @@ impl OperatorProcess {
         let log = File::options().create(true).append(true).open(&self.log).expect("open operator log");
         let child = Command::new(&self.binary)
             .args(["run", "--namespace", &self.namespace, "--lease-namespace", &self.namespace])
-            .args(["--listen", "127.0.0.1:0", "--lease-seconds", "3"])
+            .args(["--lease-seconds", "3"])
+            .args(if self.extra_args.iter().any(|a| a == "--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
             .args(&self.extra_args)
             .env("KUBECONFIG", required_env("KUBECONFIG"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))

@@ -187,16 +187,17 @@ struct Planner<'a> {
 impl Planner<'_> {
     fn decide(&mut self) -> Effect {
         self.status.observed_generation = self.input.generation;
-        if self.status.phase.is_none() {
-            if let Some(effect) = self.start() {
-                return effect;
-            }
+        if self.status.phase.is_none()
+            && let Some(effect) = self.start()
+        {
+            return effect;
         }
         if let Some(observation) = self.input.observation.clone() {
             self.observe(observation);
         }
         match self.status.phase {
-            None | Some(SagaPhase::Pending) => self.start().unwrap_or_else(|| self.forward()),
+            // Through `running`, like a first start, so the deadline is checked before the first call.
+            None | Some(SagaPhase::Pending) => self.start().unwrap_or_else(|| self.running()),
             Some(SagaPhase::Running) => self.running(),
             Some(SagaPhase::Compensating) => self.compensating(),
             Some(SagaPhase::Succeeded | SagaPhase::Compensated | SagaPhase::Failed) => self.finished(),
@@ -206,14 +207,14 @@ impl Planner<'_> {
     /// First visit: validate what can only be checked now, then start (or stay pending while suspended).
     /// Returns the effect when the saga does not start running.
     fn start(&mut self) -> Option<Effect> {
-        if self.status.phase.is_none() {
-            if let Err(err) = template::check_spec(self.input.spec) {
-                self.status.phase = Some(SagaPhase::Failed);
-                self.status.reason = Some(SagaReason::InvalidSpec);
-                self.status.finished_at = Some(self.micro_now());
-                self.note(true, "InvalidSpec", format!("the saga cannot run: {err}; fix the spec and create it again"));
-                return Some(self.finished());
-            }
+        if self.status.phase.is_none()
+            && let Err(err) = template::check_spec(self.input.spec)
+        {
+            self.status.phase = Some(SagaPhase::Failed);
+            self.status.reason = Some(SagaReason::InvalidSpec);
+            self.status.finished_at = Some(self.micro_now());
+            self.note(true, "InvalidSpec", format!("the saga cannot run: {err}; fix the spec and create it again"));
+            return Some(self.finished());
         }
         if self.input.requests.suspend && !self.input.requests.deleting && !self.input.requests.abort {
             if self.status.phase.is_none() {
@@ -245,7 +246,9 @@ impl Planner<'_> {
                 Some(SagaReason::Deleted)
             } else if requests.abort {
                 Some(SagaReason::Aborted)
-            } else if self.deadline().is_some_and(|deadline| self.input.now >= deadline) {
+            } else if self.deadline().is_some_and(|deadline| self.input.now >= deadline) && self.steps_left() {
+                // A saga whose last step succeeded (its answer planned on at or after the deadline) is done, not
+                // late: undoing all of it would throw away finished work.
                 Some(SagaReason::DeadlineExceeded)
             } else {
                 None
@@ -559,11 +562,16 @@ impl Planner<'_> {
         let reason = self.status.reason.map(|r| format!("{r:?}"));
         let current = self.status.current_step.clone().unwrap_or_default();
         let retrying = self.status.steps.iter().find_map(|s| {
-            [Some(&s.action), s.compensation.as_ref()]
-                .into_iter()
-                .flatten()
-                .find(|c| c.phase == CallPhase::Retrying)
-                .map(|c| (s.name.clone(), c.attempts, c.last_error.clone().unwrap_or_default()))
+            [Some(&s.action), s.compensation.as_ref()].into_iter().flatten().find_map(|c| {
+                // A retry in flight is still a failing call: Degraded stays True until it answers instead of
+                // flipping to False and back on every attempt.
+                let failed = match c.phase {
+                    CallPhase::Retrying => c.attempts,
+                    CallPhase::Running if c.attempts > 1 => c.attempts - 1,
+                    _ => return None,
+                };
+                Some((s.name.clone(), failed, c.last_error.clone().unwrap_or_default()))
+            })
         });
         let suspended = self.suspended();
         let (succeeded, progressing, degraded) = match phase {
@@ -610,7 +618,9 @@ impl Planner<'_> {
             }
             SagaPhase::Failed => {
                 let why = reason.clone().unwrap_or_default();
-                let detail = self.notes.iter().rev().find(|n| n.warning).map(|n| n.message.clone());
+                // The warning that explains the failure; an ignored retry request explains nothing about it.
+                let detail =
+                    self.notes.iter().rev().find(|n| n.warning && n.reason != "RetryIgnored").map(|n| n.message.clone());
                 let existing = conditions::get(&self.status.conditions, types::DEGRADED).map(|c| c.message.clone());
                 (
                     (Status::False, why.clone(), format!("failed ({why})")),
@@ -661,6 +671,12 @@ impl Planner<'_> {
             CallKind::Action => &mut step.action,
             CallKind::Compensation => step.compensation.get_or_insert_with(CallStatus::default),
         }
+    }
+
+    /// Whether some step has not succeeded yet.
+    fn steps_left(&self) -> bool {
+        (0..self.input.spec.steps.len())
+            .any(|i| self.step_status(i).is_none_or(|s| s.action.phase != CallPhase::Succeeded))
     }
 
     fn past_pivot(&self) -> bool {

@@ -19,7 +19,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    apimachinery::pkg::apis::meta::v1::Condition,
+    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
     jiff::{SignedDuration, Timestamp},
 };
 use proptest::prelude::*;
@@ -296,8 +296,8 @@ struct MadeCall {
     outcome: Outcome,
     /// The outcome reached a persisted status (it was not lost to a crash or a conflict).
     recorded: bool,
-    /// The persisted phase when the call was made.
-    phase: Option<SagaPhase>,
+    /// The persisted status when the call was made.
+    persisted: SagaStatus,
 }
 
 impl MadeCall {
@@ -532,7 +532,7 @@ impl Sim {
                 at: self.now,
                 outcome: outcome.clone(),
                 recorded: false,
-                phase: self.persisted.phase,
+                persisted: self.persisted.clone(),
             });
             self.now += self.latency;
             if crash == Some(CrashAt::AfterCall) {
@@ -703,7 +703,7 @@ fn happy_path_runs_every_step_once_in_order_and_succeeds() {
     assert_eq!(sim.phase(), Some(SagaPhase::Succeeded));
     assert_eq!(sim.reason(), None);
     assert_eq!((sim.persisted.current_step.as_ref(), sim.persisted.current_attempts), (None, None));
-    assert_eq!(sim.persisted.finished_at, Some(Time(t0())));
+    assert_eq!(sim.persisted.finished_at, Some(MicroTime(t0())));
     assert_eq!(sim.persisted.trace_id.as_deref(), Some(UID.replace('-', "").as_str()));
     for (call, step) in sim.calls.iter().zip(["reserve", "charge", "ship"]) {
         assert_eq!(call.planned.idempotency_key, key(step, CallKind::Action));
@@ -747,7 +747,9 @@ fn outputs_and_inputs_are_threaded_into_later_requests() {
             }));
         })
         .action("notify", |call| {
-            call.body = Some(json!({ "payment": "{{ steps.pay.output.payment.id }}", "items": "{{ steps.order.output.items }}" }));
+            call.body = Some(
+                json!({ "payment": "{{ steps.pay.output.payment.id }}", "items": "{{ steps.order.output.items }}" }),
+            );
         })
         .compensation("pay", |call| {
             call.url = Some("http://pay.test/payments/{{ steps.pay.output.payment.id }}/refund".into());
@@ -894,13 +896,10 @@ fn outputs_beyond_the_saga_wide_cap_fail_the_step_that_crosses_it() {
     let big = json!({ "blob": "x".repeat(8000) });
     let per_step = big.to_string().len();
     let crossing = MAX_TOTAL_OUTPUT_BYTES / per_step; // index of the first step that no longer fits
-    let mut sim = saga()
-        .steps(names.iter().map(String::as_str))
-        .simulate()
-        .respond_with(move |call| match call.kind {
-            CallKind::Action => ok_with(big.clone()),
-            CallKind::Compensation => ok(),
-        });
+    let mut sim = saga().steps(names.iter().map(String::as_str)).simulate().respond_with(move |call| match call.kind {
+        CallKind::Action => ok_with(big.clone()),
+        CallKind::Compensation => ok(),
+    });
     sim.run();
     assert_eq!(sim.calls.iter().filter(|c| c.planned.kind == CallKind::Action).count(), crossing + 1);
     let failed = &sim.step(&names[crossing]).action;
@@ -930,7 +929,7 @@ fn unavailable_twice_then_success_retries_after_the_deterministic_backoff() {
     assert!(sim.calls[..3].iter().all(|c| c.planned.idempotency_key == key("a", CallKind::Action)));
     let a = &sim.step("a").action;
     assert_eq!((a.attempts, a.last_error.as_ref(), a.next_attempt_at.as_ref()), (3, None, None));
-    assert_eq!(a.started_at, Some(Time(t0())), "the call started with its first attempt");
+    assert_eq!(a.started_at, Some(MicroTime(t0())), "the call started with its first attempt");
     let retrying = sim.notes_named("StepRetrying");
     assert_eq!(retrying.len(), 2);
     assert!(retrying[0].warning && retrying[0].message.contains("attempt 1 failed (HTTP 503)"));
@@ -942,7 +941,10 @@ fn a_retry_is_not_made_before_it_is_due() {
     let Ended::Effect(effect) = sim.reconcile() else { panic!("no crash was planned") };
     assert_eq!(effect, Effect::RequeueAt(at(5)));
     let record = &sim.step("a").action;
-    assert_eq!((record.phase, record.attempts, record.next_attempt_at.clone()), (CallPhase::Retrying, 1, Some(Time(at(5)))));
+    assert_eq!(
+        (record.phase, record.attempts, record.next_attempt_at.clone()),
+        (CallPhase::Retrying, 1, Some(MicroTime(at(5))))
+    );
     let writes = sim.writes.len();
     for early in [0, 1, 4] {
         sim.now = at(early);
@@ -966,7 +968,8 @@ fn retry_after_is_honoured() {
     assert_eq!(sim.trace(), ["a#1", "a#2"]);
     assert!(sim.calls[1].at >= t0() + signed(retry_after));
     // A Retry-After shorter than the backoff does not shorten it.
-    let mut sim = saga().steps(["a"]).backoff("a", "10s").simulate().action_replies("a", [throttled(Duration::from_secs(1))]);
+    let mut sim =
+        saga().steps(["a"]).backoff("a", "10s").simulate().action_replies("a", [throttled(Duration::from_secs(1))]);
     sim.run();
     assert_eq!(sim.calls[1].at, at(10));
 }
@@ -983,7 +986,8 @@ fn attempts_follow_max_attempts() {
     for (spec, attempts) in cases {
         let mut sim = spec.simulate().action_always("b", unavailable());
         sim.run();
-        let b_calls: Vec<u32> = sim.calls.iter().filter(|c| c.label().starts_with("b#")).map(|c| c.planned.attempt).collect();
+        let b_calls: Vec<u32> =
+            sim.calls.iter().filter(|c| c.label().starts_with("b#")).map(|c| c.planned.attempt).collect();
         assert_eq!(b_calls, (1..=attempts).collect::<Vec<_>>());
         assert_eq!(sim.step("b").action.attempts, attempts);
         let gave_up = sim.notes_named("StepFailed");
@@ -1045,13 +1049,22 @@ fn a_retry_due_before_the_deadline_wakes_at_the_retry() {
 }
 
 #[test]
+fn a_saga_without_time_to_run_makes_no_call_whether_or_not_it_was_suspended_first() {
+    for suspended_first in [false, true] {
+        let mut sim = saga().steps(["a"]).deadline("0s").simulate();
+        sim.suspend = suspended_first;
+        sim.run();
+        sim.suspend = false;
+        sim.run();
+        assert_eq!(sim.trace(), Vec::<String>::new(), "suspended first: {suspended_first}");
+        assert_eq!((sim.phase(), sim.reason()), (Some(SagaPhase::Compensated), Some(SagaReason::DeadlineExceeded)));
+    }
+}
+
+#[test]
 fn call_timeout_is_shortened_to_the_time_left_before_the_deadline() {
-    let mut sim = saga()
-        .steps(["a", "b", "c"])
-        .deadline("30s")
-        .timeout("b", "25s")
-        .simulate()
-        .latency(Duration::from_secs(12));
+    let mut sim =
+        saga().steps(["a", "b", "c"]).deadline("30s").timeout("b", "25s").simulate().latency(Duration::from_secs(12));
     sim.run();
     let timeouts: Vec<_> = sim.calls.iter().take(3).map(|c| (c.at, c.planned.timeout)).collect();
     assert_eq!(
@@ -1064,13 +1077,20 @@ fn call_timeout_is_shortened_to_the_time_left_before_the_deadline() {
 fn compensations_ignore_the_deadline() {
     let mut sim = saga()
         .steps(["a", "b"])
-        .deadline("10s")
+        .deadline("5s")
+        .compensation("a", |call| {
+            let retry = retry(call);
+            retry.initial_backoff = Some(duration("20s"));
+            retry.max_backoff = Some(duration("1h"));
+            retry.jitter = Some(0.0);
+        })
         .simulate()
         .action_always("b", rejected(409))
-        .compensation_replies("a", [unavailable(), unavailable()])
-        .latency(Duration::from_secs(30));
+        .compensation_replies("a", [unavailable(), unavailable()]);
     sim.run();
     assert_eq!(sim.trace(), ["a#1", "b#1", "undo a#1", "undo a#2", "undo a#3"]);
+    // Compensation retries wake at their own time, past the deadline, with their full timeout.
+    assert_eq!(sim.effects, [Effect::RequeueAt(at(20)), Effect::RequeueAt(at(60)), Effect::AwaitChange]);
     assert!(sim.calls[2..].iter().all(|c| c.planned.timeout == Duration::from_secs(10)));
     assert_eq!((sim.phase(), sim.reason()), (Some(SagaPhase::Compensated), Some(SagaReason::StepFailed)));
 }
@@ -1106,8 +1126,7 @@ fn failure_before_the_pivot_compensates() {
 #[test]
 fn failure_at_the_pivot_compensates_the_steps_before_it() {
     for failure in [rejected(409), unavailable()] {
-        let mut sim =
-            saga().steps(["a", "b", "c", "d"]).pivot("c").simulate().action_always("c", failure.clone());
+        let mut sim = saga().steps(["a", "b", "c", "d"]).pivot("c").simulate().action_always("c", failure.clone());
         sim.run();
         let attempts = if failure == unavailable() { 3 } else { 1 };
         assert_eq!(sim.step("c").action.attempts, attempts, "the pivot keeps to maxAttempts");
@@ -1130,7 +1149,7 @@ fn steps_after_a_succeeded_pivot_retry_past_max_attempts_until_they_succeed() {
     assert_eq!(sim.phase(), Some(SagaPhase::Succeeded));
     assert!(sim.undone().is_empty());
     // Exponential backoff goes on: 1s, 2s, 4s, ...
-    let waits: Vec<i64> = sim.calls[2..].windows(2).map(|w| (w[1].at - w[0].at).as_secs()).collect();
+    let waits: Vec<i64> = sim.calls[2..].windows(2).map(|w| w[1].at.duration_since(w[0].at).as_secs()).collect();
     assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256]);
 }
 
@@ -1163,7 +1182,10 @@ fn the_deadline_is_ignored_after_the_pivot() {
         .action_replies("c", [unavailable(), unavailable(), unavailable()]);
     sim.run();
     // Retries wake at their own time, not at the deadline, and keep their full timeout.
-    assert_eq!(sim.effects, [Effect::RequeueAt(at(20)), Effect::RequeueAt(at(60)), Effect::RequeueAt(at(140)), Effect::AwaitChange]);
+    assert_eq!(
+        sim.effects,
+        [Effect::RequeueAt(at(20)), Effect::RequeueAt(at(60)), Effect::RequeueAt(at(140)), Effect::AwaitChange]
+    );
     assert!(sim.calls.iter().all(|c| c.planned.timeout == Duration::from_secs(10)));
     assert_eq!(sim.phase(), Some(SagaPhase::Succeeded));
 }
@@ -1260,8 +1282,20 @@ fn retry_compensation_annotation_retries_once_per_new_value() {
     sim.run();
     assert_eq!(sim.trace()[calls..], ["undo a#1"]);
     assert_eq!(sim.phase(), Some(SagaPhase::Compensated));
-    assert_eq!(sim.persisted.finished_at, Some(Time(sim.now)));
+    assert_eq!(sim.persisted.finished_at, Some(MicroTime(sim.now)));
     assert_eq!(sim.step("b").compensation.as_ref().map(|c| c.attempts), Some(1), "b is not undone twice");
+}
+
+#[test]
+fn an_ignored_retry_request_keeps_the_explanation_of_a_failed_saga() {
+    let mut sim = saga().steps(["a", "b", "c"]).pivot("b").simulate().action_always("c", rejected(409));
+    sim.run();
+    let explanation = sim.condition(types::DEGRADED).message.clone();
+    assert!(explanation.contains("step c failed after the pivot"), "{explanation}");
+    sim.retry_compensation = Some("1".into());
+    sim.run();
+    assert_eq!(sim.notes_named("RetryIgnored").len(), 1);
+    assert_eq!(sim.condition(types::DEGRADED).message, explanation);
 }
 
 #[test]
@@ -1301,7 +1335,7 @@ fn suspended_before_the_first_step_makes_no_calls_until_resumed() {
     assert_eq!(sim.run(), Effect::AwaitChange);
     assert_eq!(sim.trace(), ["a#1", "b#1"]);
     assert_eq!(sim.phase(), Some(SagaPhase::Succeeded));
-    assert_eq!(sim.persisted.started_at, Some(Time(at(3600))));
+    assert_eq!(sim.persisted.started_at, Some(MicroTime(at(3600))));
     assert_eq!(sim.notes_named("Started").len(), 1);
 }
 
@@ -1406,32 +1440,33 @@ fn deletion_of_a_finished_saga_releases_the_finalizer() {
 
 #[test]
 fn a_finished_saga_is_deleted_when_its_ttl_expires() {
-    let ttl = |sim: Sim| sim.spec.clone();
-    let spec = |b: SagaBuilder| b.ttl(Some(60), Some(120), Some(300));
+    let spec = |steps: &[&str]| saga().steps(steps.iter().copied()).ttl(Some(60), Some(120), Some(300)).build();
     let cases = [
-        (Sim::new(ttl(spec(saga().steps(["a"])).simulate())), 60),
-        (Sim::new(spec(saga().steps(["a"])).build()).action_always("a", rejected(400)), 120),
+        (Sim::new(spec(&["a"])), SagaPhase::Succeeded, 60),
+        (Sim::new(spec(&["a"])).action_always("a", rejected(400)), SagaPhase::Compensated, 120),
         (
-            Sim::new(spec(saga().steps(["a", "b"])).build())
-                .action_always("b", rejected(400))
-                .compensation_always("a", rejected(400)),
+            Sim::new(spec(&["a", "b"])).action_always("b", rejected(400)).compensation_always("a", rejected(400)),
+            SagaPhase::Failed,
             300,
         ),
     ];
-    for (mut sim, seconds) in cases {
+    for (mut sim, phase, seconds) in cases {
         sim.now = at(5);
         assert_eq!(sim.run(), Effect::Delete);
-        assert_eq!(sim.persisted.finished_at, Some(Time(at(5))));
-        assert_eq!(sim.effects, [Effect::RequeueAt(at(5 + seconds)), Effect::Delete], "{:?}", sim.phase());
+        assert_eq!(sim.phase(), Some(phase));
+        assert_eq!(sim.persisted.finished_at, Some(MicroTime(at(5))));
+        assert_eq!(sim.effects, [Effect::RequeueAt(at(5 + seconds)), Effect::Delete], "{phase:?}");
     }
     // No TTL for the phase: the saga stays.
-    let mut sim = saga().steps(["a"]).ttl(None, Some(1), None).simulate();
+    let mut sim = saga().steps(["a"]).ttl(None, Some(1), Some(1)).simulate();
     assert_eq!(sim.run(), Effect::AwaitChange);
-    // Deletion wins over the TTL.
+    // Deletion before the TTL expires releases the finalizer instead.
     let mut sim = saga().steps(["a"]).ttl(Some(60), None, None).simulate();
+    let Ended::Effect(effect) = sim.reconcile() else { panic!("no crash was planned") };
+    assert_eq!(effect, Effect::RequeueAt(at(60)));
     sim.deleting = true;
-    sim.suspend = true;
-    sim.run();
+    assert_eq!(sim.run(), Effect::ReleaseFinalizer);
+    // A TTL of zero deletes at once.
     let mut sim = saga().steps(["a"]).ttl(Some(0), None, None).simulate();
     assert_eq!(sim.run(), Effect::Delete);
     assert_eq!(sim.effects, [Effect::Delete]);
@@ -1467,14 +1502,14 @@ fn a_crash_before_a_write_loses_only_that_decision() {
     let mut sim = saga()
         .steps(["a", "b"])
         .simulate()
-        .action_replies("a", [unavailable()])
+        .action_replies("a", [unavailable(), unavailable()])
         .crash(1, CrashAt::BeforeWrite)
-        .crash(3, CrashAt::BeforeWrite)
-        .crash(4, CrashAt::BeforeWrite);
+        .crash(3, CrashAt::BeforeWrite);
     sim.run();
-    // Decision 1 (start) is lost before any call; decision 3 (a's 503) and 4 (the same, planned again after the
-    // repeated call) lose the outcome, so attempt 1 is repeated until its outcome is written.
-    assert_eq!(sim.trace(), ["a#1", "a#1", "a#1", "a#2", "b#1"]);
+    // Decision 1 (the start) is lost before any call, so decision 2 starts afresh. Decision 3, which planned on
+    // a's 503, is lost too: attempt 1 is made again, and only its second answer counts.
+    assert_eq!(sim.trace(), ["a#1", "a#1", "a#2", "b#1"]);
+    assert_eq!(sim.restarts, 2);
     assert_eq!(sim.phase(), Some(SagaPhase::Succeeded));
 }
 
@@ -1537,9 +1572,18 @@ fn outputs_survive_a_restart_for_later_templates() {
 #[test]
 fn invalid_templates_fail_the_saga_before_any_call() {
     let cases = [
-        (saga().steps(["a", "b"]).action("a", |c| c.url = Some("http://a.test/{{ steps.b.output.id }}".into())), "steps[0].action.url"),
-        (saga().steps(["a"]).action("a", |c| c.body = Some(json!({ "k": "{{ input.missing }}" }))), "steps[0].action.body.k"),
-        (saga().steps(["a", "b"]).compensation("b", |c| c.url = Some("http://b.test/{{ steps.zz.output }}".into())), "steps[1].compensation.url"),
+        (
+            saga().steps(["a", "b"]).action("a", |c| c.url = Some("http://a.test/{{ steps.b.output.id }}".into())),
+            "steps[0].action.url",
+        ),
+        (
+            saga().steps(["a"]).action("a", |c| c.body = Some(json!({ "k": "{{ input.missing }}" }))),
+            "steps[0].action.body.k",
+        ),
+        (
+            saga().steps(["a", "b"]).compensation("b", |c| c.url = Some("http://b.test/{{ steps.zz.output }}".into())),
+            "steps[1].compensation.url",
+        ),
         (saga().steps(["a"]).action("a", |c| c.url = Some("http://a.test/{{ oops".into())), "steps[0].action.url"),
         (saga().steps(["a"]).action("a", |c| c.url = None), "steps[0].action.url"),
     ];
@@ -1565,13 +1609,12 @@ fn invalid_templates_fail_the_saga_before_any_call() {
 
 #[test]
 fn the_first_decision_sets_all_three_conditions_and_the_observed_generation() {
-    let spec = saga().steps(["a"]).build();
-    let mut input = Sim::new(spec.clone());
-    input.generation = Some(3);
-    let decision = plan(input.input(&SagaStatus::default(), None));
+    let mut sim = saga().steps(["a"]).simulate();
+    sim.generation = Some(3);
+    let decision = plan(sim.input(&SagaStatus::default(), None));
     assert_eq!(decision.status.observed_generation, Some(3));
-    let types: Vec<_> = decision.status.conditions.iter().map(|c| c.type_.as_str()).collect();
-    assert_eq!(types, [types::SUCCEEDED, types::PROGRESSING, types::DEGRADED]);
+    let kinds: Vec<_> = decision.status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(kinds, [types::SUCCEEDED, types::PROGRESSING, types::DEGRADED]);
     for condition in &decision.status.conditions {
         assert_eq!(condition.observed_generation, Some(3));
         assert_eq!(condition.last_transition_time, Time(t0()));
@@ -1581,8 +1624,8 @@ fn the_first_decision_sets_all_three_conditions_and_the_observed_generation() {
     assert_eq!(summary(condition(status, types::PROGRESSING)), ("True", "RunningStep"));
     assert_eq!(summary(condition(status, types::DEGRADED)), ("False", "AsExpected"));
     // A new generation is observed on the next decision, whatever else happens.
-    input.generation = Some(4);
-    let again = plan(input.input(status, None));
+    sim.generation = Some(4);
+    let again = plan(sim.input(status, None));
     assert_eq!(again.status.observed_generation, Some(4));
     assert!(again.status.conditions.iter().all(|c| c.observed_generation == Some(4)));
 }
@@ -1627,9 +1670,11 @@ fn last_transition_time_moves_only_when_a_condition_flips() {
         .filter(|c| c.status == "True")
         .map(|c| (c.message.clone(), c.last_transition_time.clone()))
         .collect();
-    assert_eq!(retrying.len(), 2);
-    assert_ne!(retrying[0].0, retrying[1].0);
-    assert_eq!(retrying[0].1, retrying[1].1);
+    // Retrying 1, attempt 2 in flight, retrying 2, attempt 3 in flight: one transition, two messages.
+    assert_eq!(retrying.len(), 4, "{retrying:#?}");
+    assert!(retrying.iter().all(|(_, time)| *time == retrying[0].1));
+    let messages: BTreeSet<_> = retrying.iter().map(|(message, _)| message.as_str()).collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1708,32 +1753,37 @@ fn case() -> impl Strategy<Value = Case> {
                 proptest::option::weighted(0.4, 0..steps),
                 proptest::collection::vec(1u32..=4, steps),
                 1u32..=3,
-                proptest::option::weighted(0.3, 1u64..=90),
-                proptest::collection::vec(reply(), 0..40),
-                proptest::collection::vec((1usize..=80, crash_at()), 0..5),
-                proptest::collection::vec((1usize..=60, change()), 0..3),
+                proptest::option::weighted(0.3, 1u64..=20),
+                // Leading successes let failures come late, after several steps that must be undone.
+                (0..=steps, proptest::collection::vec(reply(), 0..30)),
+                proptest::collection::vec((1usize..=20, crash_at()), 0..6),
+                proptest::collection::vec((1usize..=16, change()), 0..3),
             )
         })
-        .prop_map(|(mut compensations, pivot, max_attempts, compensation_attempts, deadline, replies, crashes, changes)| {
-            if let Some(pivot) = pivot {
-                compensations[pivot..].iter_mut().for_each(|c| *c = false);
-            }
-            let mut changes = changes;
-            changes.sort_by_key(|(at, _)| *at);
-            if changes.iter().any(|(_, c)| *c == Change::Suspend) {
-                changes.push((usize::MAX, Change::Resume));
-            }
-            Case {
-                compensations,
-                pivot,
-                max_attempts,
-                compensation_attempts,
-                deadline_seconds: deadline,
-                replies,
-                crashes,
-                changes,
-            }
-        })
+        .prop_map(
+            |(mut compensations, pivot, max_attempts, compensation_attempts, deadline, replies, crashes, changes)| {
+                if let Some(pivot) = pivot {
+                    compensations[pivot..].iter_mut().for_each(|c| *c = false);
+                }
+                let (successes, tail) = replies;
+                let replies = std::iter::repeat_n(Reply::Ok, successes).chain(tail).collect();
+                let mut changes = changes;
+                changes.sort_by_key(|(at, _)| *at);
+                if changes.iter().any(|(_, c)| *c == Change::Suspend) {
+                    changes.push((usize::MAX, Change::Resume));
+                }
+                Case {
+                    compensations,
+                    pivot,
+                    max_attempts,
+                    compensation_attempts,
+                    deadline_seconds: deadline,
+                    replies,
+                    crashes,
+                    changes,
+                }
+            },
+        )
 }
 
 impl Case {
@@ -1743,7 +1793,8 @@ impl Case {
 
     fn spec(&self) -> SagaSpec {
         let names = self.names();
-        let mut builder = saga().steps(names.iter().map(String::as_str)).default_attempts(None, Some(self.compensation_attempts));
+        let mut builder =
+            saga().steps(names.iter().map(String::as_str)).default_attempts(None, Some(self.compensation_attempts));
         for (i, name) in names.iter().enumerate() {
             builder = builder.max_attempts(name, self.max_attempts[i]);
             if !self.compensations[i] {
@@ -1774,8 +1825,12 @@ impl Case {
     }
 }
 
+fn step_status<'s>(status: &'s SagaStatus, step: &str) -> Option<&'s StepStatus> {
+    status.steps.iter().find(|s| s.name == step)
+}
+
 fn attempts_of(status: &SagaStatus, step: &str, kind: CallKind) -> u32 {
-    let record = status.steps.iter().find(|s| s.name == step).and_then(|s| match kind {
+    let record = step_status(status, step).and_then(|s| match kind {
         CallKind::Action => Some(&s.action),
         CallKind::Compensation => s.compensation.as_ref(),
     });
@@ -1806,7 +1861,7 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
             CallKind::Action => SagaPhase::Running,
             CallKind::Compensation => SagaPhase::Compensating,
         };
-        assert_eq!(call.phase, Some(expected), "{} made in {:?}", call.label(), call.phase);
+        assert_eq!(call.persisted.phase, Some(expected), "{} made in {:?}", call.label(), call.persisted.phase);
         if call.planned.kind == CallKind::Action {
             assert!(first_compensation.is_none_or(|first| i < first), "{} after compensation began", call.label());
         }
@@ -1873,12 +1928,12 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
 
     // A definite rejection is not undone; whatever else was attempted and can be undone, is, when compensated.
     for (i, name) in names.iter().enumerate() {
-        let Some(step) = status.steps.iter().find(|s| s.name == *name) else {
+        let Some(step) = step_status(status, name) else {
             assert!(sim.calls.iter().all(|c| c.planned.step != i), "{name} has calls but no status");
             continue;
         };
-        let rejected = step.action.phase == CallPhase::Failed
-            && step.action.last_http_status.is_some_and(is_permanent_rejection);
+        let rejected =
+            step.action.phase == CallPhase::Failed && step.action.last_http_status.is_some_and(is_permanent_rejection);
         if rejected {
             assert!(!undone.contains(name), "{name} was rejected, yet undone");
         }
@@ -1893,7 +1948,7 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
             assert_eq!(status.reason, None);
             assert!(undone.is_empty(), "a succeeded saga undid {undone:?}");
             for name in &names {
-                let step = status.steps.iter().find(|s| s.name == *name).expect("every step ran");
+                let step = step_status(status, name).expect("every step ran");
                 assert_eq!(step.action.phase, CallPhase::Succeeded, "{name}");
                 assert!(step.compensation.is_none());
             }
@@ -1910,24 +1965,77 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
         }
         SagaPhase::Failed => match status.reason {
             Some(SagaReason::FailedAfterPivot) => {
-                let pivot = case.pivot.expect("a pivot");
-                assert_eq!(status.steps[pivot].action.phase, CallPhase::Succeeded);
+                let pivot = &names[case.pivot.expect("a pivot")];
+                assert_eq!(step_status(status, pivot).map(|s| s.action.phase), Some(CallPhase::Succeeded));
+                // Past the pivot only a definite failure ends a step: retryable ones are retried for ever.
+                let last = sim.calls.iter().rev().find(|c| c.recorded && c.planned.kind == CallKind::Action);
+                let last = last.expect("a recorded action");
+                assert!(!matches!(last.outcome, Outcome::Retryable { .. }), "{} gave up after the pivot", last.label());
                 assert!(undone.is_empty());
             }
             Some(SagaReason::CompensationFailed) => {
-                assert!(status.steps.iter().any(|s| s.compensation.as_ref().is_some_and(|c| c.phase == CallPhase::Failed)));
+                assert!(
+                    status.steps.iter().any(|s| s.compensation.as_ref().is_some_and(|c| c.phase == CallPhase::Failed))
+                );
             }
             other => panic!("failed with {other:?}"),
         },
         _ => unreachable!("checked terminal above"),
     }
     // Past a succeeded pivot, nothing is undone and the deadline, abort and deletion do not count.
-    if let Some(pivot) = case.pivot
-        && status.steps.get(pivot).is_some_and(|s| s.name == names[pivot] && s.action.phase == CallPhase::Succeeded)
-    {
+    let past_pivot = |status: &SagaStatus| {
+        case.pivot.is_some_and(|pivot| {
+            step_status(status, &names[pivot]).is_some_and(|s| s.action.phase == CallPhase::Succeeded)
+        })
+    };
+    if past_pivot(status) {
         assert!(undone.is_empty());
         assert!(matches!(phase, SagaPhase::Succeeded | SagaPhase::Failed));
     }
+
+    // Before the pivot, no action is called at or after the deadline, and none may outlast it.
+    if let Some(seconds) = case.deadline_seconds {
+        for call in sim.calls.iter().filter(|c| c.planned.kind == CallKind::Action && !past_pivot(&c.persisted)) {
+            let started = call.persisted.started_at.as_ref().expect("a started saga").0;
+            let deadline = started + SignedDuration::from_secs(i64::try_from(seconds).expect("seconds"));
+            assert!(call.at < deadline, "{} at {} is past the deadline {deadline}", call.label(), call.at);
+            assert!(call.at + signed(call.planned.timeout) <= deadline, "{} may outlast the deadline", call.label());
+        }
+    }
+
+    // A retry is never made before the server's Retry-After.
+    for (i, call) in sim.calls.iter().enumerate() {
+        let Outcome::Retryable { retry_after: Some(wait), .. } = &call.outcome else { continue };
+        let next = sim.calls[i + 1..].iter().find(|c| {
+            (c.planned.step, c.planned.kind, c.planned.attempt)
+                == (call.planned.step, call.planned.kind, call.planned.attempt + 1)
+        });
+        if let Some(next) = next.filter(|_| call.recorded) {
+            assert!(next.at >= call.at + sim.latency + signed(*wait), "{} before Retry-After", next.label());
+        }
+    }
+
+    // Conditions: observed at the saga's generation; a transition time moves exactly when the status flips.
+    let mut previous: Option<&Write> = None;
+    for write in &sim.writes {
+        assert_eq!(write.status.observed_generation, sim.generation);
+        for type_ in [types::SUCCEEDED, types::PROGRESSING, types::DEGRADED] {
+            let current = condition(&write.status, type_);
+            assert_eq!(current.observed_generation, sim.generation);
+            let before = previous.map(|p| condition(&p.status, type_));
+            match before {
+                Some(before) if before.status == current.status => {
+                    assert_eq!(before.last_transition_time, current.last_transition_time, "{type_}")
+                }
+                _ => assert_eq!(current.last_transition_time, Time(write.at), "{type_} flipped"),
+            }
+        }
+        previous = Some(write);
+    }
+    let succeeded = condition(status, types::SUCCEEDED);
+    assert_eq!(succeeded.status == "True", phase == SagaPhase::Succeeded);
+    assert_eq!(summary(condition(status, types::PROGRESSING)), ("False", "Finished"));
+    assert_eq!(condition(status, types::DEGRADED).status == "True", phase == SagaPhase::Failed);
 }
 
 proptest! {

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use crate::crd::{CallPolicy, RetryPolicy, SagaSpec};
+use crate::crd::{CallPolicy, Duration as SpecDuration, RetryPolicy, SagaSpec};
 
 /// Whether a call performs a step or undoes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,26 +79,17 @@ impl Policy {
             }
         };
         let layers = [Some(own), defaults];
-        let retry = |pick: &dyn Fn(&RetryPolicy) -> Option<f64>| {
-            layers.iter().flatten().filter_map(|p| p.retry.as_ref()).find_map(|r| pick(r))
-        };
-        let duration = |pick: &dyn Fn(&RetryPolicy) -> Option<Duration>| {
-            layers.iter().flatten().filter_map(|p| p.retry.as_ref()).find_map(|r| pick(r))
+        let retry = |pick: fn(&RetryPolicy) -> Option<f64>| first_retry_field(&layers, pick);
+        let duration = |pick: fn(&RetryPolicy) -> Option<&SpecDuration>| {
+            layers.iter().flatten().filter_map(|p| p.retry.as_ref()).find_map(pick).map(SpecDuration::get)
         };
         Self {
-            timeout: layers.iter().flatten().find_map(|p| p.timeout.as_ref()).map_or(builtin.timeout, |d| d.get()),
-            max_attempts: layers
-                .iter()
-                .flatten()
-                .filter_map(|p| p.retry.as_ref())
-                .find_map(|r| r.max_attempts)
-                .unwrap_or(builtin.max_attempts)
-                .max(1),
-            initial_backoff: duration(&|r| r.initial_backoff.as_ref().map(|d| d.get()))
-                .unwrap_or(builtin.initial_backoff),
-            max_backoff: duration(&|r| r.max_backoff.as_ref().map(|d| d.get())).unwrap_or(builtin.max_backoff),
-            multiplier: retry(&|r| r.multiplier).unwrap_or(builtin.multiplier).max(1.0),
-            jitter: retry(&|r| r.jitter).unwrap_or(builtin.jitter).clamp(0.0, 1.0),
+            timeout: layers.iter().flatten().find_map(|p| p.timeout.as_ref()).map_or(builtin.timeout, SpecDuration::get),
+            max_attempts: first_retry_field(&layers, |r| r.max_attempts).unwrap_or(builtin.max_attempts).max(1),
+            initial_backoff: duration(|r| r.initial_backoff.as_ref()).unwrap_or(builtin.initial_backoff),
+            max_backoff: duration(|r| r.max_backoff.as_ref()).unwrap_or(builtin.max_backoff),
+            multiplier: retry(|r| r.multiplier).unwrap_or(builtin.multiplier).max(1.0),
+            jitter: retry(|r| r.jitter).unwrap_or(builtin.jitter).clamp(0.0, 1.0),
         }
     }
 
@@ -117,10 +108,15 @@ impl Policy {
     }
 }
 
+/// The first layer's setting of a retry field, the call's own before the saga's defaults.
+fn first_retry_field<T>(layers: &[Option<&CallPolicy>], pick: impl Fn(&RetryPolicy) -> Option<T>) -> Option<T> {
+    layers.iter().flatten().filter_map(|p| p.retry.as_ref()).find_map(pick)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{CallDefaults, Duration as SpecDuration};
+    use crate::crd::CallDefaults;
 
     fn spec_with_defaults(defaults: Option<CallDefaults>) -> SagaSpec {
         SagaSpec { steps: vec![], input: Default::default(), defaults, deadline: None, ttl_seconds_after_finished: None }

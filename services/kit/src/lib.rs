@@ -3,6 +3,12 @@
 
 pub mod error;
 pub mod health;
+pub mod http;
+pub mod lock;
+pub mod idempotency;
+pub mod outbox;
+pub mod problem;
+pub mod semaphore;
 pub mod server;
 pub mod stores;
 

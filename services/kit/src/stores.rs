@@ -36,6 +36,15 @@ pub async fn migrate(pool: &PgPool, dir: &Path) -> Result<(), KitError> {
     Ok(())
 }
 
+/// Applies a service's embedded migrations together with the outbox's, as one ordered set (so neither sees the
+/// other's applied versions as unknown).
+pub async fn migrate_with_outbox(pool: &PgPool, service: &Migrator) -> Result<(), KitError> {
+    let mut migrations: Vec<_> = service.iter().chain(crate::outbox::MIGRATOR.iter()).cloned().collect();
+    migrations.sort_by_key(|m| m.version);
+    Migrator::with_migrations(migrations).run(pool).await?;
+    Ok(())
+}
+
 /// The URL with any password replaced, so it can go into logs and error messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
