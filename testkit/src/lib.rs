@@ -12,9 +12,11 @@
 mod kubernetes;
 mod target;
 mod operator;
+mod postgres;
 
 pub use kubernetes::{TestNamespace, client, install_crds, kubectl, kubectl_apply, wait_for};
 pub use operator::OperatorProcess;
+pub use postgres::TestDatabase;
 pub use target::{Behaviour, RecordedRequest, RequestOutcome, StepTarget};
 
 /// Reads a variable `make test` sets, or fails the test saying how to run it.

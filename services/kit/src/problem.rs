@@ -198,9 +198,20 @@ fn json_rejection(rejection: JsonRejection) -> Problem {
         JsonRejection::JsonDataError(err) => {
             // serde_path_to_error gives "path: message"; the path is the field to fix.
             let text = source_text(&err);
-            let (field, why) = match text.split_once(": ") {
-                Some((path, why)) if !path.contains(' ') => (path.to_owned(), why.to_owned()),
-                _ => ("body".to_owned(), text),
+            let (path, why) = match text.split_once(": ") {
+                Some((path, why)) if !path.contains(' ') => (Some(path), why),
+                _ => (None, text.as_str()),
+            };
+            // A missing or unknown member is reported at its parent's path; name the member itself.
+            let member = ["missing field `", "unknown field `"]
+                .iter()
+                .find_map(|prefix| why.strip_prefix(prefix))
+                .and_then(|rest| rest.split('`').next());
+            let field = match (path.filter(|p| *p != "."), member) {
+                (Some(path), Some(member)) => format!("{path}.{member}"),
+                (Some(path), None) => path.to_owned(),
+                (None, Some(member)) => member.to_owned(),
+                (None, None) => "body".to_owned(),
             };
             Problem::validation(&field, format!("{field}: {why}"))
         }
@@ -258,7 +269,7 @@ mod tests {
         assert_eq!(problem["type"], types::VALIDATION);
         assert_eq!(problem["field"], "quantity");
         let (_, problem) = call(Some("application/json"), r#"{"quantity":2}"#).await;
-        assert!(problem["detail"].as_str().unwrap_or_default().contains("sku"), "{problem}");
+        assert_eq!(problem["field"], "sku", "{problem}");
         let (_, problem) = call(Some("application/json"), r#"{"sku":"A","quantity":-1}"#).await;
         assert_eq!(problem["field"], "quantity");
     }
