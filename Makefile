@@ -2,10 +2,16 @@
 SHELL := /usr/bin/env bash
 .DEFAULT_GOAL := help
 
-.PHONY: help test bench crds cluster-up cluster-down lint fmt tools
+.PHONY: help demo demo-down test bench crds cluster-up cluster-down lint fmt tools
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+demo: ## Run the checkout demo: control plane, Redis, Postgres, services, operator, two checkouts
+	hack/demo.sh
+
+demo-down: ## Stop everything the demo started
+	hack/demo.sh down
 
 test: ## Run every test against a real local control plane, Redis and Postgres (set up and torn down as needed)
 	hack/test.sh

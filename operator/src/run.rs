@@ -105,7 +105,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .build()
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let identity = config.leader_election.as_ref().map(|e| e.identity.clone());
-    let recorder = Recorder::new(client.clone(), Reporter { controller: "kubesaga-operator".into(), instance: identity });
+    let recorder =
+        Recorder::new(client.clone(), Reporter { controller: "kubesaga-operator".into(), instance: identity });
     let context = Arc::new(Context::new(
         client.clone(),
         http,
@@ -121,11 +122,14 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ready.store(true, Ordering::Relaxed);
     tracing::info!(namespace = config.namespace.as_deref().unwrap_or("<all>"), "Saga controller started");
 
-    let driven = controller.graceful_shutdown_on(shutdown_signal()).run(reconcile::reconcile, reconcile::error_policy, context).for_each(|result| async move {
-        if let Err(err) = result {
-            tracing::debug!(error = %err, "reconcile did not complete");
-        }
-    });
+    let driven = controller
+        .graceful_shutdown_on(shutdown_signal())
+        .run(reconcile::reconcile, reconcile::error_policy, context)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "reconcile did not complete");
+            }
+        });
     match leadership.as_mut() {
         None => {
             driven.await;
@@ -187,9 +191,7 @@ async fn acquire_leadership(client: &Client, election: &LeaderElection) -> Resul
         .with_field_manager("kubesaga-operator/leader-election")
         .build()
         .await
-        .map_err(|e| {
-            Error::Startup(format!("cannot use Lease {}/{}: {e}", election.namespace, election.lease_name))
-        })?;
+        .map_err(|e| Error::Startup(format!("cannot use Lease {}/{}: {e}", election.namespace, election.lease_name)))?;
     let (mut changes, _task) = manager.watch().await;
     tracing::info!(identity = %election.identity, lease = %election.lease_name, "waiting to become the leader");
     while !*changes.borrow_and_update() {

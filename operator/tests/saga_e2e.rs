@@ -18,7 +18,8 @@ async fn happy_path_threads_outputs_into_later_steps_and_sends_saga_headers() {
     let world = World::new("saga-happy").await;
     world.target.script("/order/reserve", [Behaviour::ok(json!({ "reservationId": "r-42" }))]);
     let mut pay = world.step("order", "pay", true);
-    pay["action"]["body"] = json!({ "reservation": "{{ steps.reserve.output.reservationId }}", "amount": "{{ input.amount }}" });
+    pay["action"]["body"] =
+        json!({ "reservation": "{{ steps.reserve.output.reservationId }}", "amount": "{{ input.amount }}" });
     let created = world
         .create(
             "order",

@@ -140,9 +140,13 @@ async fn a_compensation_that_gives_up_fails_the_saga_loudly_and_can_be_retried_b
 async fn wait_for_event(events: &Api<Event>, object: &str, reason: &str) -> Event {
     let deadline = tokio::time::Instant::now() + FINISH_WITHIN;
     loop {
-        let found = events.list(&ListParams::default()).await.expect("events").items.into_iter().find(|e| {
-            e.involved_object.name.as_deref() == Some(object) && e.reason.as_deref() == Some(reason)
-        });
+        let found = events
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .find(|e| e.involved_object.name.as_deref() == Some(object) && e.reason.as_deref() == Some(reason));
         if let Some(event) = found {
             return event;
         }
@@ -170,6 +174,10 @@ async fn abort_suspend_and_resume_by_annotation() {
     let resume = json!({ "metadata": { "annotations": { "kubesaga.dev/suspend": null } } });
     world.api.patch("held", &PatchParams::default(), &Patch::Merge(&resume)).await.expect("resume");
     assert_eq!(phase(&world.finished("held").await), Some(SagaPhase::Succeeded));
+    let events: Api<Event> = world.ns.api();
+    for reason in ["Suspended", "Resumed"] {
+        wait_for_event(&events, "held", reason).await;
+    }
 
     // Aborted while a step keeps failing: compensated with reason Aborted.
     world.target.default_response("/stop/b", 503, json!({}));
@@ -191,7 +199,10 @@ async fn abort_suspend_and_resume_by_annotation() {
 async fn finished_sagas_are_deleted_after_their_ttl() {
     let world = World::new("saga-ttl").await;
     let created = world
-        .create("brief", json!({ "ttlSecondsAfterFinished": { "succeeded": 1 }, "steps": [world.step("brief", "a", false)] }))
+        .create(
+            "brief",
+            json!({ "ttlSecondsAfterFinished": { "succeeded": 1 }, "steps": [world.step("brief", "a", false)] }),
+        )
         .await;
     tokio::time::timeout(FINISH_WITHIN, await_condition(world.api.clone(), "brief", is_deleted(&uid(&created))))
         .await
@@ -254,7 +265,12 @@ async fn two_hundred_sagas_at_once_all_finish() {
             }
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {} of 200 sagas finished:\n{}", finished.len(), world.log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 200 sagas finished:\n{}",
+            finished.len(),
+            world.log()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     world.done().await;

@@ -65,7 +65,9 @@ struct Target {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Circuit {
     Closed,
-    Open { until: Instant },
+    Open {
+        until: Instant,
+    },
     /// One probe call is in flight; everything else waits for its outcome.
     Probing,
 }

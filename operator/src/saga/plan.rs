@@ -173,7 +173,20 @@ pub struct Decision {
 pub fn plan(input: Input<'_>) -> Decision {
     let mut planner = Planner { status: input.status.clone(), notes: Vec::new(), now: Time(input.now), input };
     let effect = planner.decide();
+    let was_suspended = planner.progressing_reason() == Some("Suspended");
     planner.refresh_conditions();
+    // Suspension is a transition users make by hand; the Progressing condition records it, and an event says so.
+    match (was_suspended, planner.progressing_reason() == Some("Suspended")) {
+        (false, true) if !planner.notes.iter().any(|n| n.reason == "Suspended") => {
+            planner.note(
+                false,
+                "Suspended",
+                "no further calls until the kubesaga.dev/suspend annotation is removed".into(),
+            );
+        }
+        (true, false) => planner.note(false, "Resumed", "the kubesaga.dev/suspend annotation was removed".into()),
+        _ => {}
+    }
     Decision { status: planner.status, effect, notes: planner.notes }
 }
 
@@ -265,9 +278,9 @@ impl Planner<'_> {
 
     /// Runs the first step that has not succeeded.
     fn forward(&mut self) -> Effect {
-        let Some(index) = (0..self.input.spec.steps.len()).find(|&i| {
-            self.step_status(i).is_none_or(|s| s.action.phase != CallPhase::Succeeded)
-        }) else {
+        let Some(index) = (0..self.input.spec.steps.len())
+            .find(|&i| self.step_status(i).is_none_or(|s| s.action.phase != CallPhase::Succeeded))
+        else {
             self.status.phase = Some(SagaPhase::Succeeded);
             self.status.finished_at = Some(self.micro_now());
             self.status.current_step = None;
@@ -439,7 +452,16 @@ impl Planner<'_> {
                 self.status.current_attempts = Some(attempt);
                 if first {
                     let verb = if kind == CallKind::Action { "StepStarted" } else { "CompensationStarted" };
-                    self.note(false, verb, format!("step {}: {} {}", step.name, format!("{:?}", request.method).to_uppercase(), request.url));
+                    self.note(
+                        false,
+                        verb,
+                        format!(
+                            "step {}: {} {}",
+                            step.name,
+                            format!("{:?}", request.method).to_uppercase(),
+                            request.url
+                        ),
+                    );
                 }
                 let timeout = match self.deadline().filter(|_| kind == CallKind::Action && !self.past_pivot()) {
                     Some(deadline) => policy.timeout.min(remaining(self.input.now, deadline)),
@@ -500,9 +522,13 @@ impl Planner<'_> {
                 let too_big = if kind != CallKind::Action {
                     None
                 } else if size > MAX_OUTPUT_BYTES {
-                    Some(format!("the response body is {size} bytes; a step's output is capped at {MAX_OUTPUT_BYTES} bytes: return less, or return an id to fetch the rest"))
+                    Some(format!(
+                        "the response body is {size} bytes; a step's output is capped at {MAX_OUTPUT_BYTES} bytes: return less, or return an id to fetch the rest"
+                    ))
                 } else if outputs_so_far + size > MAX_TOTAL_OUTPUT_BYTES {
-                    Some(format!("the outputs of all steps would exceed {MAX_TOTAL_OUTPUT_BYTES} bytes; return smaller bodies"))
+                    Some(format!(
+                        "the outputs of all steps would exceed {MAX_TOTAL_OUTPUT_BYTES} bytes; return smaller bodies"
+                    ))
                 } else {
                     None
                 };
@@ -619,8 +645,12 @@ impl Planner<'_> {
             SagaPhase::Failed => {
                 let why = reason.clone().unwrap_or_default();
                 // The warning that explains the failure; an ignored retry request explains nothing about it.
-                let detail =
-                    self.notes.iter().rev().find(|n| n.warning && n.reason != "RetryIgnored").map(|n| n.message.clone());
+                let detail = self
+                    .notes
+                    .iter()
+                    .rev()
+                    .find(|n| n.warning && n.reason != "RetryIgnored")
+                    .map(|n| n.message.clone());
                 let existing = conditions::get(&self.status.conditions, types::DEGRADED).map(|c| c.message.clone());
                 (
                     (Status::False, why.clone(), format!("failed ({why})")),
@@ -634,6 +664,10 @@ impl Planner<'_> {
         {
             conditions::set(&mut self.status.conditions, type_, status, &reason, message, generation, &now);
         }
+    }
+
+    fn progressing_reason(&self) -> Option<&str> {
+        conditions::get(&self.status.conditions, types::PROGRESSING).map(|c| c.reason.as_str())
     }
 
     fn template_context(&self) -> TemplateContext<'_> {

@@ -84,7 +84,11 @@ impl Policy {
             layers.iter().flatten().filter_map(|p| p.retry.as_ref()).find_map(pick).map(SpecDuration::get)
         };
         Self {
-            timeout: layers.iter().flatten().find_map(|p| p.timeout.as_ref()).map_or(builtin.timeout, SpecDuration::get),
+            timeout: layers
+                .iter()
+                .flatten()
+                .find_map(|p| p.timeout.as_ref())
+                .map_or(builtin.timeout, SpecDuration::get),
             max_attempts: first_retry_field(&layers, |r| r.max_attempts).unwrap_or(builtin.max_attempts).max(1),
             initial_backoff: duration(|r| r.initial_backoff.as_ref()).unwrap_or(builtin.initial_backoff),
             max_backoff: duration(|r| r.max_backoff.as_ref()).unwrap_or(builtin.max_backoff),
@@ -119,7 +123,13 @@ mod tests {
     use crate::crd::CallDefaults;
 
     fn spec_with_defaults(defaults: Option<CallDefaults>) -> SagaSpec {
-        SagaSpec { steps: vec![], input: Default::default(), defaults, deadline: None, ttl_seconds_after_finished: None }
+        SagaSpec {
+            steps: vec![],
+            input: Default::default(),
+            defaults,
+            deadline: None,
+            ttl_seconds_after_finished: None,
+        }
     }
 
     fn d(text: &str) -> Option<SpecDuration> {

@@ -194,12 +194,8 @@ impl Reconciler<'_> {
                     let outcome = self.call(&planned, &status).await;
                     fault_point(FaultPoint::AfterCall, &planned.step_name);
                     self.ctx.targets.record(permit, &outcome);
-                    observation = Some(Observation {
-                        step: planned.step,
-                        kind: planned.kind,
-                        attempt: planned.attempt,
-                        outcome,
-                    });
+                    observation =
+                        Some(Observation { step: planned.step, kind: planned.kind, attempt: planned.attempt, outcome });
                     working = status;
                 }
                 Effect::RequeueAt(at) => return Ok(Action::requeue(until(now, at))),
@@ -240,12 +236,13 @@ impl Reconciler<'_> {
             url = %planned.request.url,
             http.status = field::Empty,
         );
-        let traceparent = kubesaga_telemetry::traceparent(&span)
-            .unwrap_or_else(|| synthetic_traceparent(status.trace_id.as_deref()));
+        let traceparent =
+            kubesaga_telemetry::traceparent(&span).unwrap_or_else(|| synthetic_traceparent(status.trace_id.as_deref()));
         let started = Instant::now();
-        let outcome = call::perform(&self.ctx.http, planned, &CallContext { saga_id: &saga_id, traceparent: &traceparent })
-            .instrument(span.clone())
-            .await;
+        let outcome =
+            call::perform(&self.ctx.http, planned, &CallContext { saga_id: &saga_id, traceparent: &traceparent })
+                .instrument(span.clone())
+                .await;
         let result = match &outcome {
             Outcome::Succeeded { http_status, .. } => {
                 span.record("http.status", http_status);
