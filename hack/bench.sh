@@ -1,21 +1,39 @@
 #!/usr/bin/env bash
-# `make bench`: builds release binaries, brings up (or reuses) the local control plane, and runs the benchmarks.
-# Results go to stdout; BENCHMARKS.md records them with their method.
+# `make bench`: builds release binaries, brings up (or reuses) the local control plane, Redis and Postgres, and
+# runs the benchmarks; what it started it stops. Results go to stdout; BENCHMARKS.md records them with their method.
+#
+#   hack/bench.sh                      both benchmarks
+#   hack/bench.sh saga [--sagas N]     the Saga controller only
+#   hack/bench.sh services [...]       the services' write path only
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$KUBESAGA_ROOT"
 
 started_cluster=false
+started_stores=false
 cleanup() {
   local status=$?
+  $started_stores && hack/stores.sh down
   $started_cluster && hack/cluster.sh down
   exit $status
 }
 trap cleanup EXIT
 
+command -v wrk >/dev/null || apt_install wrk
 cargo build --release --locked -p kubesaga-operator -p kubesaga-bench
 hack/cluster.sh status >/dev/null 2>&1 || started_cluster=true
 eval "$(hack/cluster.sh up)"
+if [ -z "${REDIS_URL:-}${DATABASE_URL:-}" ] && ! hack/stores.sh env >/dev/null 2>&1; then
+  started_stores=true
+fi
+eval "$(hack/stores.sh up)"
 log "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(uname -sr)"
-KUBESAGA_OPERATOR_BIN=target/release/kubesaga-operator target/release/kubesaga-bench "$@"
+export KUBESAGA_OPERATOR_BIN=target/release/kubesaga-operator
+case "${1:-all}" in
+all)
+  target/release/kubesaga-bench saga
+  target/release/kubesaga-bench services
+  ;;
+*) target/release/kubesaga-bench "$@" ;;
+esac

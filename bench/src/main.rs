@@ -1,7 +1,8 @@
 //! `make bench`: throughput and latency of the Saga controller on the local control plane, next to the raw
-//! status-patch rate of the same API server, so the result can be read against the physical limit.
+//! status-patch rate of the same API server, so the result can be read against the physical limit (`saga`);
+//! and the cost of the services' idempotent write path against a bare handler (`services`, see [`services`]).
 //!
-//! Method: a no-op step target answers every call with `200 {}`; the release operator runs as its own process
+//! Saga method: a no-op step target answers every call with `200 {}`; the release operator runs as its own process
 //! watching one namespace; the bench creates N three-step sagas (32 creates in flight) and watches them, timing
 //! each from its create call to the watch event that shows a terminal phase. API writes per saga are read from
 //! the operator's own `/metrics`. The raw rate is measured before, in another namespace, by C concurrent clients
@@ -27,8 +28,25 @@ use kubesaga_testkit::{OperatorProcess, StepTarget, TestNamespace, install_crds}
 use serde_json::json;
 use tokio::sync::Mutex;
 
-/// Saga controller benchmark.
+mod services;
+
+/// kubesaga benchmarks.
 #[derive(Parser, Debug)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// The Saga controller against a no-op target.
+    Saga(Args),
+    /// The services' idempotent write and replay paths against a bare handler, loaded with wrk.
+    Services(services::Args),
+}
+
+/// Saga controller benchmark.
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Sagas to run.
     #[arg(long, default_value_t = 500)]
@@ -55,13 +73,22 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    match Cli::parse().command {
+        Command::Saga(args) => saga_bench(args).await,
+        Command::Services(args) => services::run(args).await,
+    }
+}
+
+async fn saga_bench(args: Args) {
     let client = kubesaga_testkit::client().await;
     let crds: Vec<_> = kubesaga_operator::crd::all().into_iter().map(|(_, crd)| crd).collect();
     install_crds(&client, &crds).await;
 
     let raw = raw_patch_rate(&client, &args, RawPatch::ServerSideApply).await;
-    println!("raw status patches (server-side apply): {raw:.0}/s ({} clients, {}s)", args.raw_clients, args.raw_seconds);
+    println!(
+        "raw status patches (server-side apply): {raw:.0}/s ({} clients, {}s)",
+        args.raw_clients, args.raw_seconds
+    );
     let raw_merge = raw_patch_rate(&client, &args, RawPatch::Merge).await;
     println!("raw status patches (merge patch, for comparison): {raw_merge:.0}/s");
 
@@ -81,7 +108,6 @@ async fn main() {
         100.0 * achieved_patch_rate / raw
     );
 }
-
 
 #[derive(Clone, Copy)]
 enum RawPatch {
@@ -213,8 +239,10 @@ async fn saga_run(client: &Client, args: &Args) -> RunResult {
 
 fn saga(name: &str, url: &str, steps: usize) -> Saga {
     let steps: Vec<_> = (0..steps)
-        .map(|i| json!({ "name": format!("s{i}"), "action": { "method": "POST", "url": url },
-                          "compensation": { "method": "POST", "url": url } }))
+        .map(|i| {
+            json!({ "name": format!("s{i}"), "action": { "method": "POST", "url": url },
+                          "compensation": { "method": "POST", "url": url } })
+        })
         .collect();
     serde_json::from_value(json!({
         "apiVersion": "kubesaga.dev/v1alpha1", "kind": "Saga", "metadata": { "name": name }, "spec": { "steps": steps },
