@@ -27,7 +27,7 @@ build() {
   fi
   log "building $name ($pkg) ..."
   local start=$SECONDS
-  if ! (cd "$here/tools/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags "$ldflags" \
+  if ! (cd "$here/tools/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -ldflags "$ldflags" \
     -o "$bin_dir/$name.partial" "$pkg") >&2; then
     log "FAILED: go build of $name ($pkg) in hack/tools/$dir; see the Go errors above."
     rm -f "$bin_dir/$name.partial"
