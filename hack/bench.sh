@@ -10,24 +10,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$KUBESAGA_ROOT"
 
-started_cluster=false
-started_stores=false
-cleanup() {
-  local status=$?
-  $started_stores && hack/stores.sh down
-  $started_cluster && hack/cluster.sh down
-  exit $status
-}
-trap cleanup EXIT
-
 command -v wrk >/dev/null || apt_install wrk
 cargo build --release --locked -p kubesaga-operator -p kubesaga-bench
-hack/cluster.sh status >/dev/null 2>&1 || started_cluster=true
-eval "$(hack/cluster.sh up)"
-if [ -z "${REDIS_URL:-}${DATABASE_URL:-}" ] && ! hack/stores.sh env >/dev/null 2>&1; then
-  started_stores=true
-fi
-eval "$(hack/stores.sh up)"
+env_up_stop_on_exit cluster stores
 log "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(uname -sr)"
 export KUBESAGA_OPERATOR_BIN=target/release/kubesaga-operator
 case "${1:-all}" in

@@ -90,3 +90,35 @@ apt_install() {
     die "apt-get install $* failed; see the apt output above"
   fi
 }
+
+# env_up_stop_on_exit [cluster] [stores]: brings up (or reuses) the named parts of the local environment, exports
+# their variables, and on exit stops the parts this script started (what already ran is left running).
+# KUBESAGA_KEEP_ENV=1 leaves everything running.
+env_up_stop_on_exit() {
+  local part
+  KUBESAGA_STARTED=()
+  for part in "$@"; do
+    case $part in
+    cluster) "$KUBESAGA_ROOT/hack/cluster.sh" status >/dev/null 2>&1 || KUBESAGA_STARTED+=(cluster) ;;
+    stores)
+      if [ -z "${REDIS_URL:-}${DATABASE_URL:-}" ] && ! "$KUBESAGA_ROOT/hack/stores.sh" env >/dev/null 2>&1; then
+        KUBESAGA_STARTED+=(stores)
+      fi
+      ;;
+    esac
+    eval "$("$KUBESAGA_ROOT/hack/$part.sh" up)"
+  done
+  trap _env_stop_started EXIT
+}
+
+_env_stop_started() {
+  local status=$? part
+  if [ "${KUBESAGA_KEEP_ENV:-}" = 1 ]; then
+    log "KUBESAGA_KEEP_ENV=1: leaving the environment running (stop it with 'hack/env.sh down')"
+  else
+    for part in "${KUBESAGA_STARTED[@]}"; do
+      "$KUBESAGA_ROOT/hack/$part.sh" down
+    done
+  fi
+  exit $status
+}

@@ -123,7 +123,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tracing::info!(namespace = config.namespace.as_deref().unwrap_or("<all>"), "Saga controller started");
 
     let driven = controller
-        .graceful_shutdown_on(shutdown_signal())
+        .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, context)
         .for_each(|result| async move {
             if let Err(err) = result {
@@ -248,20 +248,4 @@ async fn publish_phase_counts(store: Store<Saga>) {
             .collect();
         metrics::sagas_by_phase(&counts);
     }
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down: finishing reconciles in flight");
 }

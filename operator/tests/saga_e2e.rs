@@ -74,7 +74,7 @@ async fn a_rejected_step_compensates_the_completed_ones_in_reverse_for_every_pos
     let names = ["a", "b", "c", "d"];
     for k in 0..names.len() {
         let saga = format!("fail-at-{k}");
-        world.target.script(&format!("/{saga}/{}", names[k]), [Behaviour::status(409)]);
+        world.target.script(&format!("/{saga}/{}", names[k]), [Behaviour::status(422)]);
         let steps: Vec<_> = names.iter().map(|n| world.step(&saga, n, true)).collect();
         world.create(&saga, json!({ "steps": steps })).await;
     }

@@ -81,7 +81,9 @@ pub fn classify(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         return Outcome::Succeeded { http_status: code, output };
     }
     let error = format!("HTTP {code}{}", summary(body));
-    if is_permanent_rejection(code) || !(status.is_server_error() || status.is_client_error()) {
+    // A 409 with Retry-After is the Idempotency-Key draft's "the first request with this key is still running".
+    let in_flight = code == 409 && retry_after.is_some();
+    if (is_permanent_rejection(code) && !in_flight) || !(status.is_server_error() || status.is_client_error()) {
         Outcome::Permanent { http_status: Some(code), error }
     } else {
         Outcome::Retryable { http_status: Some(code), error, retry_after }
@@ -207,6 +209,13 @@ mod tests {
         }
         // A redirect that was not followed cannot be retried into success either.
         assert!(matches!(classify(StatusCode::SEE_OTHER, None, b""), Outcome::Permanent { .. }));
+    }
+
+    #[test]
+    fn a_conflict_with_retry_after_is_a_request_still_in_flight_and_is_retried() {
+        let in_flight = classify(StatusCode::CONFLICT, Some(Duration::from_secs(1)), b"");
+        assert!(matches!(in_flight, Outcome::Retryable { http_status: Some(409), .. }), "{in_flight:?}");
+        assert!(matches!(classify(StatusCode::CONFLICT, None, b""), Outcome::Permanent { .. }));
     }
 
     #[test]

@@ -750,16 +750,22 @@ impl Planner<'_> {
 }
 
 /// Whether an action may have changed something at its service, so that undoing it is needed. Only an action
-/// never sent, or one whose last answer was a definite rejection, certainly did not.
+/// never sent, or one whose last answer proves it changed nothing, certainly did not.
 pub fn may_have_taken_effect(action: &CallStatus) -> bool {
-    action.attempts > 0
-        && !(action.phase == CallPhase::Failed && action.last_http_status.is_some_and(is_permanent_rejection))
+    action.attempts > 0 && !(action.phase == CallPhase::Failed && action.last_http_status.is_some_and(proves_no_effect))
 }
 
 /// 4xx answers other than 408 (timeout), 425 (too early) and 429 (too many requests) say the request was refused
 /// and retrying it will not help.
 pub fn is_permanent_rejection(http_status: u16) -> bool {
     (400..500).contains(&http_status) && !matches!(http_status, 408 | 425 | 429)
+}
+
+/// A refusal that proves the request changed nothing. 409 does not: under the Idempotency-Key draft it also
+/// answers a retry while the first attempt with the same key is still running, and that one may succeed.
+/// Compensating a step that did nothing is harmless, since compensations accept "nothing to undo".
+pub fn proves_no_effect(http_status: u16) -> bool {
+    is_permanent_rejection(http_status) && http_status != 409
 }
 
 fn call_spec(step: &crate::crd::Step, kind: CallKind) -> Option<&HttpCall> {

@@ -808,7 +808,7 @@ const FOUR: [&str; 4] = ["a", "b", "c", "d"];
 fn a_rejected_step_compensates_the_completed_steps_in_reverse_but_not_itself() {
     for k in 0..FOUR.len() {
         let failing = FOUR[k];
-        let mut sim = saga().steps(FOUR).simulate().action_always(failing, rejected(409));
+        let mut sim = saga().steps(FOUR).simulate().action_always(failing, rejected(422));
         assert_eq!(sim.run(), Effect::AwaitChange);
         let mut expected: Vec<String> = FOUR[..=k].iter().map(|s| format!("{s}#1")).collect();
         expected.extend(FOUR[..k].iter().rev().map(|s| format!("undo {s}#1")));
@@ -822,7 +822,7 @@ fn a_rejected_step_compensates_the_completed_steps_in_reverse_but_not_itself() {
         }
         let warnings = sim.notes_named("Compensating");
         assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].warning && warnings[0].message.contains(&format!("step {failing} failed: HTTP 409")));
+        assert!(warnings[0].warning && warnings[0].message.contains(&format!("step {failing} failed: HTTP 422")));
     }
 }
 
@@ -1085,7 +1085,7 @@ fn compensations_ignore_the_deadline() {
             retry.jitter = Some(0.0);
         })
         .simulate()
-        .action_always("b", rejected(409))
+        .action_always("b", rejected(422))
         .compensation_replies("a", [unavailable(), unavailable()]);
     sim.run();
     assert_eq!(sim.trace(), ["a#1", "b#1", "undo a#1", "undo a#2", "undo a#3"]);
@@ -1125,7 +1125,7 @@ fn failure_before_the_pivot_compensates() {
 
 #[test]
 fn failure_at_the_pivot_compensates_the_steps_before_it() {
-    for failure in [rejected(409), unavailable()] {
+    for failure in [rejected(422), unavailable()] {
         let mut sim = saga().steps(["a", "b", "c", "d"]).pivot("c").simulate().action_always("c", failure.clone());
         sim.run();
         let attempts = if failure == unavailable() { 3 } else { 1 };
@@ -1155,7 +1155,7 @@ fn steps_after_a_succeeded_pivot_retry_past_max_attempts_until_they_succeed() {
 
 #[test]
 fn a_permanent_failure_after_the_pivot_fails_the_saga_without_compensating() {
-    let mut sim = saga().steps(["a", "b", "c", "d"]).pivot("b").simulate().action_always("c", rejected(409));
+    let mut sim = saga().steps(["a", "b", "c", "d"]).pivot("b").simulate().action_always("c", rejected(422));
     assert_eq!(sim.run(), Effect::AwaitChange);
     assert_eq!(sim.trace(), ["a#1", "b#1", "c#1"]);
     assert_eq!((sim.phase(), sim.reason()), (Some(SagaPhase::Failed), Some(SagaReason::FailedAfterPivot)));
@@ -1225,7 +1225,7 @@ fn failed_compensation() -> Sim {
         .steps(["a", "b", "c"])
         .compensation_max_attempts("a", 3)
         .simulate()
-        .action_always("c", rejected(409))
+        .action_always("c", rejected(422))
         .compensation_replies("a", [unavailable(), timed_out(), unavailable()]);
     assert_eq!(sim.run(), Effect::AwaitChange);
     sim
@@ -1253,7 +1253,7 @@ fn a_rejected_compensation_fails_the_saga_at_once_and_earlier_steps_wait_for_a_h
     let mut sim = saga()
         .steps(["a", "b", "c"])
         .simulate()
-        .action_always("c", rejected(409))
+        .action_always("c", rejected(422))
         .compensation_replies("b", [rejected(400)]);
     sim.run();
     assert_eq!(sim.trace(), ["a#1", "b#1", "c#1", "undo b#1"]);
@@ -1288,7 +1288,7 @@ fn retry_compensation_annotation_retries_once_per_new_value() {
 
 #[test]
 fn an_ignored_retry_request_keeps_the_explanation_of_a_failed_saga() {
-    let mut sim = saga().steps(["a", "b", "c"]).pivot("b").simulate().action_always("c", rejected(409));
+    let mut sim = saga().steps(["a", "b", "c"]).pivot("b").simulate().action_always("c", rejected(422));
     sim.run();
     let explanation = sim.condition(types::DEGRADED).message.clone();
     assert!(explanation.contains("step c failed after the pivot"), "{explanation}");
@@ -1360,7 +1360,7 @@ fn suspended_mid_saga_makes_no_calls_until_resumed() {
 
 #[test]
 fn suspension_pauses_compensation() {
-    let mut sim = saga().steps(["a", "b", "c"]).simulate().action_always("c", rejected(409));
+    let mut sim = saga().steps(["a", "b", "c"]).simulate().action_always("c", rejected(422));
     sim.run_until_call(5); // undo a
     sim.suspend = true;
     sim.run();
@@ -1536,7 +1536,7 @@ fn a_stale_observation_is_ignored() {
     let stale = [
         Observation { step: 1, kind: CallKind::Action, attempt: 1, outcome: ok() },
         Observation { step: 1, kind: CallKind::Action, attempt: 3, outcome: ok() },
-        Observation { step: 0, kind: CallKind::Action, attempt: 1, outcome: rejected(409) },
+        Observation { step: 0, kind: CallKind::Action, attempt: 1, outcome: rejected(422) },
         Observation { step: 1, kind: CallKind::Compensation, attempt: 2, outcome: ok() },
         Observation { step: 7, kind: CallKind::Action, attempt: 2, outcome: ok() },
     ];
@@ -1933,7 +1933,7 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
             continue;
         };
         let rejected =
-            step.action.phase == CallPhase::Failed && step.action.last_http_status.is_some_and(is_permanent_rejection);
+            step.action.phase == CallPhase::Failed && step.action.last_http_status.is_some_and(proves_no_effect);
         if rejected {
             assert!(!undone.contains(name), "{name} was rejected, yet undone");
         }

@@ -6,11 +6,11 @@
 //!
 //! | switch | effect |
 //! |---|---|
-//! | card token [`FAIL_TOKEN`] (`tok_fail`) | the authorization always fails transiently (503 from the API) |
-//! | card token [`DECLINE_TOKEN`] (`tok_decline`) | the authorization is always declined, reason `card_declined` |
-//! | amount ≥ [`GatewayConfig::decline_threshold_cents`] | the authorization is declined, reason `amount_over_limit` |
+//! | card token [`FAIL_TOKEN`] (`tok_fail`) | the authorization always fails transiently (API: 503) |
+//! | card token [`DECLINE_TOKEN`] (`tok_decline`) | the authorization is declined: `card_declined` |
+//! | amount ≥ [`GatewayConfig::decline_threshold_cents`] | the authorization is declined: `amount_over_limit` |
 //! | [`GatewayConfig::failure_rate`] | that fraction of all calls fail transiently |
-//! | [`GatewayConfig::decline_rate`] | that fraction of the other authorizations are declined, reason `insufficient_funds` |
+//! | [`GatewayConfig::decline_rate`] | that fraction of other authorizations is declined: `insufficient_funds` |
 //!
 //! # Idempotency
 //!
@@ -418,7 +418,8 @@ fn replay_follow_up(
     reference: &str,
     amount_cents: Option<i64>,
 ) -> Result<Reply, PaymentError> {
-    let same = entry.operation == operation.as_str() && entry.reference == reference && entry.amount_cents == amount_cents;
+    let same =
+        entry.operation == operation.as_str() && entry.reference == reference && entry.amount_cents == amount_cents;
     if same { Ok(entry.reply()) } else { Err(PaymentError::GatewayKeyReused { key: key.to_owned() }) }
 }
 
@@ -465,13 +466,19 @@ mod tests {
         let auth = approved_authorization(500);
         let done = |ops: &[&str]| ops.iter().map(|op| ((*op).to_owned(), Some(500))).collect::<Vec<_>>();
         assert_eq!(refusal(Operation::Capture, Some(&auth), &done(&[]), Some(500)), None);
-        assert_eq!(refusal(Operation::Capture, Some(&auth), &done(&[]), Some(501)), Some("amount_exceeds_authorization"));
+        assert_eq!(
+            refusal(Operation::Capture, Some(&auth), &done(&[]), Some(501)),
+            Some("amount_exceeds_authorization")
+        );
         assert_eq!(refusal(Operation::Capture, Some(&auth), &done(&["void"]), Some(500)), Some("authorization_voided"));
         assert_eq!(refusal(Operation::Void, Some(&auth), &done(&["capture"]), None), Some("already_captured"));
         assert_eq!(refusal(Operation::Void, Some(&auth), &done(&[]), None), None);
         assert_eq!(refusal(Operation::Refund, Some(&auth), &done(&[]), Some(500)), Some("not_captured"));
         assert_eq!(refusal(Operation::Refund, Some(&auth), &done(&["capture"]), Some(500)), None);
-        assert_eq!(refusal(Operation::Refund, Some(&auth), &done(&["capture"]), Some(900)), Some("amount_exceeds_capture"));
+        assert_eq!(
+            refusal(Operation::Refund, Some(&auth), &done(&["capture"]), Some(900)),
+            Some("amount_exceeds_capture")
+        );
         assert_eq!(refusal(Operation::Capture, None, &done(&[]), Some(1)), Some("no_such_authorization"));
         let declined = LedgerEntry { approved: false, ..auth };
         assert_eq!(refusal(Operation::Void, Some(&declined), &done(&[]), None), Some("authorization_declined"));

@@ -218,7 +218,10 @@ pub async fn is_tombstoned<'e>(executor: impl PgExecutor<'e>, id: &str) -> Resul
 
 /// Marks payment `id` as voided before it was authorized, so a later authorization of it is refused.
 pub async fn add_tombstone(tx: &mut PgConnection, id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO payment_tombstones (id) VALUES ($1) ON CONFLICT (id) DO NOTHING").bind(id).execute(tx).await?;
+    sqlx::query("INSERT INTO payment_tombstones (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
+        .bind(id)
+        .execute(tx)
+        .await?;
     Ok(())
 }
 
