@@ -7,8 +7,7 @@
 //! - W3C trace context (`traceparent`) is the propagation format.
 
 use opentelemetry::{
-    Context,
-    global,
+    Context, global,
     trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _},
 };
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};

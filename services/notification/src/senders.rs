@@ -135,14 +135,23 @@ mod tests {
     use super::*;
 
     fn message(channel: Channel, recipient: &str, subject: Option<&str>, body: &str) -> Message {
-        Message { channel, recipient: recipient.into(), subject: subject.map(Into::into), body: body.into(), order_id: None }
+        Message {
+            channel,
+            recipient: recipient.into(),
+            subject: subject.map(Into::into),
+            body: body.into(),
+            order_id: None,
+        }
     }
 
     #[test]
     fn each_channel_checks_its_own_rules() {
         assert!(message(Channel::Email, "a@b.c", Some("Hi"), "text").validate().is_ok());
         assert!(message(Channel::Sms, "+4915112345678", None, "text").validate().is_ok());
-        assert_eq!(message(Channel::Email, "nobody", Some("Hi"), "t").validate().map_err(|e| e.field()), Err("recipient"));
+        assert_eq!(
+            message(Channel::Email, "nobody", Some("Hi"), "t").validate().map_err(|e| e.field()),
+            Err("recipient")
+        );
         assert_eq!(message(Channel::Email, "a@b.c", None, "t").validate().map_err(|e| e.field()), Err("subject"));
         assert_eq!(message(Channel::Sms, "0151", None, "t").validate().map_err(|e| e.field()), Err("recipient"));
         assert_eq!(message(Channel::Sms, "+4915112345678", None, "").validate().map_err(|e| e.field()), Err("body"));

@@ -142,7 +142,11 @@ fn order_id(headers: &HeaderMap, caller: &str) -> Uuid {
     params(("Idempotency-Key" = String, Header, description = "Client-chosen key; a repeat replays the answer")),
     responses((status = 202, body = CheckoutAccepted), (status = 400, description = "invalid request (problem+json)"),
               (status = 503, description = "a dependency is unavailable; retry with the same key")))]
-async fn checkout(State(state): State<AppState>, headers: HeaderMap, Json(request): Json<CheckoutRequest>) -> Result<Response, Problem> {
+async fn checkout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(request): Json<CheckoutRequest>,
+) -> Result<Response, Problem> {
     let order = request.validate()?;
     let caller = headers.get("x-caller").and_then(|v| v.to_str().ok()).unwrap_or("anonymous").to_owned();
     let id = order_id(&headers, &caller);

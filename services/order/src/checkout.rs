@@ -64,7 +64,11 @@ impl SagaStarter {
             ("app.kubernetes.io/part-of".to_owned(), "kubesaga-checkout".to_owned()),
             ("kubesaga.dev/order-id".to_owned(), order_id.to_string()),
         ]));
-        match self.api.create(&PostParams { field_manager: Some("kubesaga-order".into()), ..Default::default() }, &saga).await {
+        match self
+            .api
+            .create(&PostParams { field_manager: Some("kubesaga-order".into()), ..Default::default() }, &saga)
+            .await
+        {
             Ok(_) => Ok(self.saga_id(order_id)),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(self.saga_id(order_id)),
             Err(kube::Error::Api(status)) => Err(OrderError::Saga(format!(
@@ -113,15 +117,22 @@ mod tests {
             ["create-order", "reserve-stock", "authorize-payment", "capture-payment", "confirm-stock", "approve-order"]
         );
         assert!(spec.steps[3].pivot);
-        assert_eq!(spec.steps[1].action.url.as_deref(), Some("http://inventory.shop.svc:80/reservations/{{ saga.uid }}"));
+        assert_eq!(
+            spec.steps[1].action.url.as_deref(),
+            Some("http://inventory.shop.svc:80/reservations/{{ saga.uid }}")
+        );
         let mut filled = spec.clone();
-        filled.input = input(Uuid::nil(), &NewOrder {
-            customer_email: "a@b.c".into(),
-            sku: "A".into(),
-            quantity: 1,
-            amount_cents: 100,
-            currency: "EUR".into(),
-        }, "tok_ok");
+        filled.input = input(
+            Uuid::nil(),
+            &NewOrder {
+                customer_email: "a@b.c".into(),
+                sku: "A".into(),
+                quantity: 1,
+                amount_cents: 100,
+                currency: "EUR".into(),
+            },
+            "tok_ok",
+        );
         kubesaga_operator::saga::template::check_spec(&filled).expect("every template reference resolves");
     }
 

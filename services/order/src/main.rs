@@ -87,9 +87,9 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     };
     let endpoints = Endpoints { order: args.order_url, inventory: args.inventory_url, payment: args.payment_url };
     let template = checkout::load_template(&template_text, &endpoints).map_err(|e| e.to_string())?;
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("cannot reach the Kubernetes API to create sagas: {e}; set KUBECONFIG or run in a cluster"))?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!("cannot reach the Kubernetes API to create sagas: {e}; set KUBECONFIG or run in a cluster")
+    })?;
     let state = AppState { db: db.clone(), sagas: SagaStarter::new(client, &args.saga_namespace, template) };
     let openapi = serde_json::to_value(ApiDoc::openapi()).map_err(|e| e.to_string())?;
     let readiness = Readiness { redis: Some(redis.clone()), postgres: Some(db) };

@@ -40,8 +40,11 @@ async fn service() -> Service {
     let crds: Vec<_> = kubesaga_operator::crd::all().into_iter().map(|(_, crd)| crd).collect();
     install_crds(&kube, &crds).await;
     let ns = TestNamespace::create(&kube, "order-api").await;
-    let endpoints =
-        Endpoints { order: "http://order".into(), inventory: "http://inventory".into(), payment: "http://payment".into() };
+    let endpoints = Endpoints {
+        order: "http://order".into(),
+        inventory: "http://inventory".into(),
+        payment: "http://payment".into(),
+    };
     let template = checkout::load_template(checkout::DEFAULT_TEMPLATE, &endpoints).expect("template");
     let state = AppState { db: db.clone(), sagas: SagaStarter::new(kube, &ns.name, template) };
     let readiness = Readiness { redis: Some(redis.clone()), postgres: Some(db.clone()) };
@@ -144,24 +147,60 @@ async fn bad_input_gets_a_problem_naming_the_field_and_changes_nothing() {
     let service = service().await;
     let cases: &[(&str, Option<&str>, u16, &str)] = &[
         ("{not json", Some("k"), 400, "body"),
-        (r#"{"customerEmail":"a@b.c","sku":"A","quantity":"two","amountCents":1,"currency":"EUR","cardToken":"t"}"#, Some("k"), 400, "quantity"),
-        (r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"currency":"EUR","cardToken":"t"}"#, Some("k"), 400, "amountCents"),
-        (r#"{"customerEmail":"a@b.c","sku":"A","quantity":0,"amountCents":1,"currency":"EUR","cardToken":"t"}"#, Some("k"), 400, "quantity"),
-        (r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"amountCents":-5,"currency":"EUR","cardToken":"t"}"#, Some("k"), 400, "amountCents"),
-        (r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"amountCents":5,"currency":"euro","cardToken":"t"}"#, Some("k"), 400, "currency"),
-        (r#"{"customerEmail":"nobody","sku":"A","quantity":1,"amountCents":5,"currency":"EUR","cardToken":"t"}"#, Some("k"), 400, "customerEmail"),
+        (
+            r#"{"customerEmail":"a@b.c","sku":"A","quantity":"two","amountCents":1,"currency":"EUR","cardToken":"t"}"#,
+            Some("k"),
+            400,
+            "quantity",
+        ),
+        (
+            r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"currency":"EUR","cardToken":"t"}"#,
+            Some("k"),
+            400,
+            "amountCents",
+        ),
+        (
+            r#"{"customerEmail":"a@b.c","sku":"A","quantity":0,"amountCents":1,"currency":"EUR","cardToken":"t"}"#,
+            Some("k"),
+            400,
+            "quantity",
+        ),
+        (
+            r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"amountCents":-5,"currency":"EUR","cardToken":"t"}"#,
+            Some("k"),
+            400,
+            "amountCents",
+        ),
+        (
+            r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"amountCents":5,"currency":"euro","cardToken":"t"}"#,
+            Some("k"),
+            400,
+            "currency",
+        ),
+        (
+            r#"{"customerEmail":"nobody","sku":"A","quantity":1,"amountCents":5,"currency":"EUR","cardToken":"t"}"#,
+            Some("k"),
+            400,
+            "customerEmail",
+        ),
         (CHECKOUT, None, 400, ""),
     ];
     for (i, (body, key, status, field)) in cases.iter().enumerate() {
         let key = key.map(|k| format!("{k}-{i}"));
         let (got, problem) = service.call("POST", "/checkout", key.as_deref(), Some(body)).await;
         assert_eq!(got.as_u16(), *status, "case {i}: {problem}");
-        assert!(problem["type"].as_str().is_some_and(|t| t.starts_with("https://kubesaga.dev/problems/")), "case {i}: {problem}");
+        assert!(
+            problem["type"].as_str().is_some_and(|t| t.starts_with("https://kubesaga.dev/problems/")),
+            "case {i}: {problem}"
+        );
         if !field.is_empty() {
             assert_eq!(problem["field"], *field, "case {i}: {problem}");
         }
     }
-    let huge = format!(r#"{{"customerEmail":"a@b.c","sku":"{}","quantity":1,"amountCents":5,"currency":"EUR","cardToken":"t"}}"#, "x".repeat(100_000));
+    let huge = format!(
+        r#"{{"customerEmail":"a@b.c","sku":"{}","quantity":1,"amountCents":5,"currency":"EUR","cardToken":"t"}}"#,
+        "x".repeat(100_000)
+    );
     let (status, problem) = service.call("POST", "/checkout", Some("huge"), Some(&huge)).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{problem}");
     assert_eq!(service.count("SELECT count(*) FROM orders").await, 0);
