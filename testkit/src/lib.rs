@@ -10,9 +10,9 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod kubernetes;
-mod target;
 mod operator;
 mod postgres;
+mod target;
 
 pub use kubernetes::{TestNamespace, client, install_crds, kubectl, kubectl_apply, wait_for};
 pub use operator::OperatorProcess;

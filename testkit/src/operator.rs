@@ -53,7 +53,11 @@ impl OperatorProcess {
         let child = Command::new(&self.binary)
             .args(["run", "--namespace", &self.namespace, "--lease-namespace", &self.namespace])
             .args(["--lease-seconds", "3"])
-            .args(if self.extra_args.iter().any(|a| a == "--listen") { &[][..] } else { &["--listen", "127.0.0.1:0"][..] })
+            .args(if self.extra_args.iter().any(|a| a == "--listen") {
+                &[][..]
+            } else {
+                &["--listen", "127.0.0.1:0"][..]
+            })
             .args(&self.extra_args)
             .env("KUBECONFIG", required_env("KUBECONFIG"))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
@@ -88,7 +92,11 @@ impl OperatorProcess {
     pub async fn wait_exit(&mut self, timeout: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         while !self.exited() {
-            assert!(tokio::time::Instant::now() < deadline, "the operator did not exit within {timeout:?}:\n{}", self.log());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the operator did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         self.child = None;

@@ -21,7 +21,10 @@ impl TestDatabase {
         assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "bad name {name}");
         let mut conn = PgConnection::connect(&admin).await.expect("connect to DATABASE_URL");
         // The name was checked above to be a plain identifier.
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.expect("create database");
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
         let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
         Self { url: format!("{base}/{name}"), name }
     }
