@@ -1,7 +1,12 @@
 //! What the API accepts and answers, and the rules input has to follow.
 
+use std::{fmt, marker::PhantomData};
+
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{
+    Deserialize, Deserializer, Serialize,
+    de::{MapAccess, Visitor, value::MapAccessDeserializer},
+};
 use utoipa::ToSchema;
 
 use crate::InventoryError;
@@ -19,14 +24,19 @@ pub const MAX_STOCK: i64 = i32::MAX as i64;
 /// Longest saga id accepted (`<namespace>/<name>`: 63 + 1 + 253).
 pub const MAX_SAGA_ID_LEN: usize = 317;
 
+// Body fields are optional to serde so that a missing one is reported by name through `required` (serde names
+// only fields of the wrong type; a missing one would be blamed on the whole body).
+
 /// `PUT /products/{sku}`: create or replace a product's name and units on hand.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ProductInput {
     /// Display name, 1 to 200 characters.
-    pub name: String,
+    #[schema(value_type = String, required = true)]
+    pub name: Option<String>,
     /// Units on hand, including those currently reserved; 0 to 2147483647.
-    pub stock: i64,
+    #[schema(value_type = i64, required = true)]
+    pub stock: Option<i64>,
 }
 
 /// `PUT /reservations/{id}`: reserve units of one product for the calling saga.
@@ -34,9 +44,11 @@ pub struct ProductInput {
 #[serde(rename_all = "camelCase")]
 pub struct ReserveInput {
     /// The product.
-    pub sku: String,
+    #[schema(value_type = String, required = true)]
+    pub sku: Option<String>,
     /// Units to reserve, 1 to 1000000.
-    pub quantity: i64,
+    #[schema(value_type = i64, required = true)]
+    pub quantity: Option<i64>,
 }
 
 /// A product as `GET` and `PUT /products/{sku}` answer it.
@@ -118,6 +130,36 @@ pub struct ProblemDoc {
     /// For locked-by-saga problems: the saga holding the lock.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
+}
+
+/// A body that must be a JSON object. Derived struct deserializers also accept an array of the fields in order
+/// (`["A-1", 2]`), which no client means; this refuses it, and keeps serde's field paths for the other errors.
+#[derive(Debug, Clone)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor(PhantomData)).map(Object)
+    }
+}
+
+/// The value of a field the body must have.
+pub fn required<T>(value: Option<T>, field: &'static str) -> Result<T, InventoryError> {
+    value.ok_or_else(|| InventoryError::invalid(field, "is required"))
 }
 
 /// A validated SKU: 1 to 64 of `A-Z a-z 0-9 . _ -`, so it is safe in paths and Redis keys.

@@ -178,15 +178,15 @@ impl ReservationRow {
     }
 }
 
-const PRODUCT_COLUMNS: &str =
-    "sku, name, stock, reserved, version, last_fence, lock_state, locked_by_saga, locked_at, updated_at";
-
 /// Reads a product.
 pub async fn product(conn: &mut PgConnection, sku: &str) -> Result<Option<ProductRow>, sqlx::Error> {
-    sqlx::query_as::<_, ProductRow>(sqlx::AssertSqlSafe(format!("SELECT {PRODUCT_COLUMNS} FROM products WHERE sku = $1")))
-        .bind(sku)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as::<_, ProductRow>(
+        "SELECT sku, name, stock, reserved, version, last_fence, lock_state, locked_by_saga, locked_at, updated_at \
+         FROM products WHERE sku = $1",
+    )
+    .bind(sku)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Reads a reservation.
@@ -216,7 +216,13 @@ pub async fn reserved_by_saga(
 }
 
 /// Inserts a product under a lock with token `fence`. `false` when it exists already.
-pub async fn insert_product(conn: &mut PgConnection, sku: &str, name: &str, stock: i32, fence: i64) -> Result<bool, sqlx::Error> {
+pub async fn insert_product(
+    conn: &mut PgConnection,
+    sku: &str,
+    name: &str,
+    stock: i32,
+    fence: i64,
+) -> Result<bool, sqlx::Error> {
     let result = sqlx::query(
         "INSERT INTO products (sku, name, stock, reserved, last_fence) VALUES ($1, $2, $3, 0, $4) \
          ON CONFLICT (sku) DO NOTHING",
@@ -264,8 +270,10 @@ pub async fn write_product(
         return Ok(version);
     }
     // Tell apart the two reasons nothing matched: the answer differs (retry under a new lock vs. re-read).
-    let stored: Option<i64> =
-        sqlx::query_scalar("SELECT last_fence FROM products WHERE sku = $1").bind(&current.sku).fetch_optional(conn).await?;
+    let stored: Option<i64> = sqlx::query_scalar("SELECT last_fence FROM products WHERE sku = $1")
+        .bind(&current.sku)
+        .fetch_optional(conn)
+        .await?;
     match stored {
         Some(stored) if stored > fence.token || (stored == fence.token && !fence.written) => {
             Err(InventoryError::Lock(kubesaga_kit::lock::LockError::Fenced { fence: fence.token }))
@@ -274,7 +282,7 @@ pub async fn write_product(
     }
 }
 
-/// Moves a reservation from `from` to `to` if it still has the version read. `false` when it changed.
+/// Moves a reservation from the status read to `to` if it still has the version read. `false` when it changed.
 pub async fn set_reservation_status(
     conn: &mut PgConnection,
     row: &ReservationRow,
