@@ -156,6 +156,8 @@ pub struct Note {
     pub reason: &'static str,
     /// A sentence for humans.
     pub message: String,
+    /// The step the transition concerns, if any, so that events of different steps are not merged.
+    pub step: Option<String>,
 }
 
 /// The result of [`plan`].
@@ -438,7 +440,8 @@ impl Planner<'_> {
                 record.phase = CallPhase::Failed;
                 record.finished_at = Some(now);
                 record.last_error = Some(truncate(format!("cannot build the request: {err}")));
-                self.note(true, failed_reason(kind), format!("step {}: cannot build the request: {err}", step.name));
+                let message = format!("step {}: cannot build the request: {err}", step.name);
+                self.step_note(true, failed_reason(kind), &step.name, message);
                 match kind {
                     CallKind::Action => self.step_failed(index),
                     CallKind::Compensation => self.compensating(),
@@ -452,9 +455,10 @@ impl Planner<'_> {
                 self.status.current_attempts = Some(attempt);
                 if first {
                     let verb = if kind == CallKind::Action { "StepStarted" } else { "CompensationStarted" };
-                    self.note(
+                    self.step_note(
                         false,
                         verb,
+                        &step.name,
                         format!(
                             "step {}: {} {}",
                             step.name,
@@ -536,7 +540,7 @@ impl Planner<'_> {
                 if let Some(error) = too_big {
                     record.phase = CallPhase::Failed;
                     record.last_error = Some(truncate(error.clone()));
-                    Note { warning: true, reason: failed_reason(kind), message: format!("step {name}: {error}") }
+                    Note { warning: true, reason: failed_reason(kind), message: format!("step {name}: {error}"), step: Some(name.clone()) }
                 } else {
                     record.phase = CallPhase::Succeeded;
                     record.last_error = None;
@@ -545,7 +549,7 @@ impl Planner<'_> {
                     }
                     let reason = if kind == CallKind::Action { "StepSucceeded" } else { "CompensationSucceeded" };
                     let message = format!("step {name}: HTTP {http_status} after {} attempt(s)", record.attempts);
-                    Note { warning: false, reason, message }
+                    Note { warning: false, reason, message, step: Some(name.clone()) }
                 }
             }
             Outcome::Retryable { http_status, error, retry_after } => {
@@ -555,7 +559,7 @@ impl Planner<'_> {
                     record.phase = CallPhase::Failed;
                     record.finished_at = Some(MicroTime(now));
                     let message = format!("step {name}: gave up after {} attempts: {error}", record.attempts);
-                    Note { warning: true, reason: failed_reason(kind), message }
+                    Note { warning: true, reason: failed_reason(kind), message, step: Some(name.clone()) }
                 } else {
                     let wait = policy.backoff(record.attempts, &seed).max(retry_after.unwrap_or_default());
                     let next = now.checked_add(wait).unwrap_or(Timestamp::MAX);
@@ -567,7 +571,7 @@ impl Planner<'_> {
                         wait.as_millis()
                     );
                     let reason = if kind == CallKind::Action { "StepRetrying" } else { "CompensationRetrying" };
-                    Note { warning: true, reason, message }
+                    Note { warning: true, reason, message, step: Some(name.clone()) }
                 }
             }
             Outcome::Permanent { http_status, error } => {
@@ -575,7 +579,7 @@ impl Planner<'_> {
                 record.last_error = Some(truncate(error.clone()));
                 record.phase = CallPhase::Failed;
                 record.finished_at = Some(MicroTime(now));
-                Note { warning: true, reason: failed_reason(kind), message: format!("step {name}: {error}") }
+                Note { warning: true, reason: failed_reason(kind), message: format!("step {name}: {error}"), step: Some(name.clone()) }
             }
         };
         self.notes.push(note);
@@ -744,8 +748,12 @@ impl Planner<'_> {
         MicroTime(self.input.now)
     }
 
+    fn step_note(&mut self, warning: bool, reason: &'static str, step: &str, message: String) {
+        self.notes.push(Note { warning, reason, message, step: Some(step.to_owned()) });
+    }
+
     fn note(&mut self, warning: bool, reason: &'static str, message: String) {
-        self.notes.push(Note { warning, reason, message });
+        self.notes.push(Note { warning, reason, message, step: None });
     }
 }
 

@@ -338,7 +338,12 @@ impl Reconciler<'_> {
                     type_: if note.warning { EventType::Warning } else { EventType::Normal },
                     reason: note.reason.to_owned(),
                     note: Some(note.message.chars().take(1000).collect()),
-                    action: note.reason.to_owned(),
+                    // The recorder merges events with equal reason and action into one series; naming the step
+                    // keeps each step's transitions visible.
+                    action: match &note.step {
+                        Some(step) => format!("{}/{step}", note.reason).chars().take(128).collect(),
+                        None => note.reason.to_owned(),
+                    },
                     secondary: None,
                 };
                 match recorder.publish(&event, &reference).await {
