@@ -122,14 +122,13 @@ pub async fn run(config: Config) -> Result<(), Error> {
     ready.store(true, Ordering::Relaxed);
     tracing::info!(namespace = config.namespace.as_deref().unwrap_or("<all>"), "Saga controller started");
 
-    let driven = controller
-        .shutdown_on_signal()
-        .run(reconcile::reconcile, reconcile::error_policy, context)
-        .for_each(|result| async move {
+    let driven = controller.shutdown_on_signal().run(reconcile::reconcile, reconcile::error_policy, context).for_each(
+        |result| async move {
             if let Err(err) = result {
                 tracing::debug!(error = %err, "reconcile did not complete");
             }
-        });
+        },
+    );
     match leadership.as_mut() {
         None => {
             driven.await;

@@ -540,7 +540,12 @@ impl Planner<'_> {
                 if let Some(error) = too_big {
                     record.phase = CallPhase::Failed;
                     record.last_error = Some(truncate(error.clone()));
-                    Note { warning: true, reason: failed_reason(kind), message: format!("step {name}: {error}"), step: Some(name.clone()) }
+                    Note {
+                        warning: true,
+                        reason: failed_reason(kind),
+                        message: format!("step {name}: {error}"),
+                        step: Some(name.clone()),
+                    }
                 } else {
                     record.phase = CallPhase::Succeeded;
                     record.last_error = None;
@@ -579,7 +584,12 @@ impl Planner<'_> {
                 record.last_error = Some(truncate(error.clone()));
                 record.phase = CallPhase::Failed;
                 record.finished_at = Some(MicroTime(now));
-                Note { warning: true, reason: failed_reason(kind), message: format!("step {name}: {error}"), step: Some(name.clone()) }
+                Note {
+                    warning: true,
+                    reason: failed_reason(kind),
+                    message: format!("step {name}: {error}"),
+                    step: Some(name.clone()),
+                }
             }
         };
         self.notes.push(note);

@@ -2,7 +2,10 @@
 //! trace and carries the saga id, request metrics, a timeout, a body limit, panics turned into problems, and the
 //! operational routes `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Router,
@@ -66,7 +69,13 @@ pub fn prometheus() -> PrometheusHandle {
 
 /// Wraps a service's `api` routes in the shell and adds the operational routes. `openapi` is the service's
 /// OpenAPI document, served at `/openapi.json`.
-pub fn app(service: &'static str, api: Router, readiness: Readiness, openapi: serde_json::Value, limits: &Limits) -> Router {
+pub fn app(
+    service: &'static str,
+    api: Router,
+    readiness: Readiness,
+    openapi: serde_json::Value,
+    limits: &Limits,
+) -> Router {
     let metrics = prometheus();
     let openapi = Arc::new(openapi);
     let operational = Router::new()
@@ -81,7 +90,9 @@ pub fn app(service: &'static str, api: Router, readiness: Readiness, openapi: se
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(move |request: &Request| request_span(service, request)))
+                .layer(
+                    TraceLayer::new_for_http().make_span_with(move |request: &Request| request_span(service, request)),
+                )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
                 .layer(CatchPanicLayer::custom(|_| Problem::internal(&"handler panicked").into_response()))
                 .layer(middleware::from_fn(move |request, next| timeout(request_timeout, request, next))),
@@ -91,7 +102,10 @@ pub fn app(service: &'static str, api: Router, readiness: Readiness, openapi: se
 /// A span per request with the fields logs and traces are searched by; it continues the caller's trace.
 fn request_span(service: &'static str, request: &Request) -> tracing::Span {
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-    let route = request.extensions().get::<MatchedPath>().map_or_else(|| request.uri().path().to_owned(), |p| p.as_str().to_owned());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| request.uri().path().to_owned(), |p| p.as_str().to_owned());
     let span = tracing::info_span!(
         "request",
         service,
@@ -109,13 +123,16 @@ fn request_span(service: &'static str, request: &Request) -> tracing::Span {
 async fn timeout(limit: Duration, request: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => Problem::unavailable(format!("the request did not finish within {}s", limit.as_secs())).into_response(),
+        Err(_) => {
+            Problem::unavailable(format!("the request did not finish within {}s", limit.as_secs())).into_response()
+        }
     }
 }
 
 /// Request count, latency and in-flight gauge by route; the route template keeps label values bounded.
 async fn record(service: &'static str, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().to_string();
     let in_flight = gauge!("kubesaga_http_requests_in_flight", "service" => service);
     in_flight.increment(1.0);

@@ -98,7 +98,10 @@ impl Problem {
 
     /// 429 with `Retry-After`.
     pub fn rate_limited(detail: impl Into<String>, retry_after: Duration) -> Self {
-        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::TOO_MANY_REQUESTS, types::RATE_LIMITED, "Too many requests", detail) }
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, types::RATE_LIMITED, "Too many requests", detail)
+        }
     }
 
     /// 503: a dependency is down.
@@ -112,7 +115,12 @@ impl Problem {
     /// 500: logs `cause` and answers without it, so internals do not leak.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, types::INTERNAL, "Internal error", "an unexpected error occurred; it has been logged")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            types::INTERNAL,
+            "Internal error",
+            "an unexpected error occurred; it has been logged",
+        )
     }
 
     /// Any other problem type.
