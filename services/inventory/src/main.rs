@@ -35,15 +35,8 @@ struct Database {
 
 impl Database {
     fn url(&self) -> Result<String, InventoryError> {
-        self.database_url
-            .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok())
-            .filter(|url| !url.is_empty())
-            .ok_or_else(|| {
-                InventoryError::Config(
-                    "no database: pass --database-url or set INVENTORY_DATABASE_URL (or DATABASE_URL)".into(),
-                )
-            })
+        kubesaga_kit::stores::database_url(self.database_url.as_deref(), "INVENTORY_DATABASE_URL")
+            .map_err(|e| InventoryError::Config(e.to_string()))
     }
 }
 

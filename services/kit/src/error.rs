@@ -32,6 +32,12 @@ pub enum KitError {
         /// Why.
         source: sqlx::Error,
     },
+    /// No database URL was given.
+    #[error("no database: pass --database-url or set {service_var} (or DATABASE_URL)")]
+    NoDatabase {
+        /// The service's own variable, e.g. `ORDER_DATABASE_URL`.
+        service_var: &'static str,
+    },
     /// A migration set could not be read or applied.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

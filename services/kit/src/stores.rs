@@ -20,6 +20,16 @@ pub async fn redis(url: &str) -> Result<ConnectionManager, KitError> {
     Ok(conn)
 }
 
+/// The database URL of a service: `--database-url` or the service's own variable (clap reads both into
+/// `explicit`), else the shared `DATABASE_URL`.
+pub fn database_url(explicit: Option<&str>, service_var: &'static str) -> Result<String, KitError> {
+    explicit
+        .map(str::to_owned)
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|url| !url.is_empty())
+        .ok_or(KitError::NoDatabase { service_var })
+}
+
 /// Opens a Postgres pool and checks that the server answers.
 pub async fn postgres(url: &str, max_connections: u32) -> Result<PgPool, KitError> {
     PgPoolOptions::new()

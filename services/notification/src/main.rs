@@ -51,10 +51,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode, String> {
-    let database_url = args
-        .database_url
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .ok_or("no database: set --database-url, NOTIFICATION_DATABASE_URL or DATABASE_URL")?;
+    let database_url =
+        stores::database_url(args.database_url.as_deref(), "NOTIFICATION_DATABASE_URL").map_err(|e| e.to_string())?;
     let db = stores::postgres(&database_url, 8).await.map_err(|e| e.to_string())?;
     MIGRATOR.run(&db).await.map_err(|e| format!("database migration failed: {e}"))?;
     if matches!(args.command, Some(Command::Migrate)) {

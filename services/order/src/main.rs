@@ -69,10 +69,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode, String> {
-    let database_url = args
-        .database_url
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .ok_or("no database: set --database-url, ORDER_DATABASE_URL or DATABASE_URL")?;
+    let database_url =
+        stores::database_url(args.database_url.as_deref(), "ORDER_DATABASE_URL").map_err(|e| e.to_string())?;
     let db = stores::postgres(&database_url, 16).await.map_err(|e| e.to_string())?;
     stores::migrate_with_outbox(&db, &MIGRATOR).await.map_err(|e| e.to_string())?;
     if matches!(args.command, Some(Command::Migrate)) {

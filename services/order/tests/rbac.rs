@@ -12,9 +12,10 @@ async fn the_order_service_account_may_create_and_read_sagas_in_its_namespace_on
     let crds: Vec<_> = kubesaga_operator::crd::all().into_iter().map(|(_, crd)| crd).collect();
     install_crds(&kube, &crds).await;
     let ns = TestNamespace::create(&kube, "order-rbac").await;
-    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/order-rbac.yaml"))
-        .expect("read the RBAC example")
-        .replace("namespace: shop", &format!("namespace: {}", ns.name));
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/order-rbac.yaml"))
+            .expect("read the RBAC example")
+            .replace("namespace: shop", &format!("namespace: {}", ns.name));
     let (ok, stderr) = kubectl_apply(&ns.name, &manifest);
     assert!(ok, "{stderr}");
 

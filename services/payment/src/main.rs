@@ -36,15 +36,8 @@ struct Database {
 
 impl Database {
     fn url(&self) -> Result<String, PaymentError> {
-        self.database_url
-            .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok())
-            .filter(|url| !url.trim().is_empty())
-            .ok_or_else(|| {
-                PaymentError::Config(
-                    "no database: pass --database-url or set PAYMENT_DATABASE_URL (or DATABASE_URL)".to_owned(),
-                )
-            })
+        kubesaga_kit::stores::database_url(self.database_url.as_deref(), "PAYMENT_DATABASE_URL")
+            .map_err(|e| PaymentError::Config(e.to_string()))
     }
 }
 
