@@ -18,6 +18,8 @@ export KUBESAGA_OPERATOR_BIN=target/release/kubesaga-operator
 case "${1:-all}" in
 all)
   target/release/kubesaga-bench saga
+  log "again with Warning events only (every transition's Normal event is an API write too)"
+  target/release/kubesaga-bench saga --normal-events false
   target/release/kubesaga-bench services
   ;;
 *) target/release/kubesaga-bench "$@" ;;
