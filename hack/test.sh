@@ -9,4 +9,4 @@ cd "$KUBESAGA_ROOT"
 start=$SECONDS
 env_up_stop_on_exit cluster stores
 log "environment ready in $((SECONDS - start))s"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

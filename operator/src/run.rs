@@ -71,8 +71,6 @@ pub struct LeaderElection {
 
 /// Runs until SIGINT/SIGTERM (Ok) or until leadership is lost or start-up fails (Err).
 pub async fn run(config: Config) -> Result<(), Error> {
-    // kube and reqwest both use rustls; one process-wide provider serves both. A second install is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let prometheus = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| Error::Startup(format!("cannot install the Prometheus recorder: {e}")))?;
