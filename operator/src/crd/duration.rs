@@ -16,7 +16,7 @@ pub struct Duration {
 }
 
 /// The schema pattern; parsing below accepts exactly the same language.
-const PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+pub(crate) const PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
 /// A string that is not a duration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

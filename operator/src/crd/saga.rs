@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::duration::Duration;
+use super::duration::{Duration, PATTERN as DURATION_PATTERN};
 
 /// Most steps a saga may have.
 pub const MAX_STEPS: usize = 64;
@@ -90,10 +90,6 @@ fn index_texts() -> String {
     let texts: Vec<String> = (0..MAX_STEPS).map(|i| format!("'{i}'")).collect();
     format!("[{}]", texts.join(", "))
 }
-
-/// The schema pattern of [`Duration`]. A rule that calls CEL's `duration()` first checks it, so a malformed duration
-/// is reported once, by the pattern, instead of a second time as a conversion error.
-const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
 
 /// CEL: `expr` (a string) is not a well-formed duration, so a rule about its value has nothing to check.
 fn not_a_duration(expr: &str) -> String {
