@@ -1,12 +1,7 @@
 //! What the API accepts and answers, and the rules input has to follow.
 
-use std::{fmt, marker::PhantomData};
-
 use chrono::{DateTime, Utc};
-use serde::{
-    Deserialize, Deserializer, Serialize,
-    de::{MapAccess, Visitor, value::MapAccessDeserializer},
-};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::InventoryError;
@@ -130,31 +125,6 @@ pub struct ProblemDoc {
     /// For locked-by-saga problems: the saga holding the lock.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
-}
-
-/// A body that must be a JSON object. Derived struct deserializers also accept an array of the fields in order
-/// (`["A-1", 2]`), which no client means; this refuses it, and keeps serde's field paths for the other errors.
-#[derive(Debug, Clone)]
-pub struct Object<T>(pub T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor<T>(PhantomData<T>);
-
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
-            type Value = T;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                T::deserialize(MapAccessDeserializer::new(map))
-            }
-        }
-
-        deserializer.deserialize_map(ObjectVisitor(PhantomData)).map(Object)
-    }
 }
 
 /// The value of a field the body must have.

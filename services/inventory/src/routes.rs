@@ -4,12 +4,15 @@ use axum::{
     extract::{FromRequestParts, Path, State, rejection::PathRejection},
     http::{StatusCode, request::Parts},
 };
-use kubesaga_kit::{idempotency::SAGA_ID, problem::Json};
+use kubesaga_kit::{
+    idempotency::SAGA_ID,
+    problem::{Json, JsonObject},
+};
 use utoipa::OpenApi;
 
 use crate::{
     AppState, InventoryError,
-    model::{self, Object, ProblemDoc, ProductInput, ProductView, ReservationStatus, ReservationView, ReserveInput},
+    model::{self, ProblemDoc, ProductInput, ProductView, ReservationStatus, ReservationView, ReserveInput},
     operations,
 };
 
@@ -85,7 +88,7 @@ pub async fn get_product(
 pub async fn put_product(
     State(state): State<AppState>,
     sku: Result<Path<String>, PathRejection>,
-    Json(Object(input)): Json<Object<ProductInput>>,
+    JsonObject(input): JsonObject<ProductInput>,
 ) -> Result<(StatusCode, Json<ProductView>), InventoryError> {
     let sku = model::sku(&path_param(sku, "sku")?, "sku")?;
     let name = model::name(&model::required(input.name, "name")?)?;
@@ -124,7 +127,7 @@ pub async fn reserve(
     State(state): State<AppState>,
     id: Result<Path<String>, PathRejection>,
     SagaHeader(saga): SagaHeader,
-    Json(Object(input)): Json<Object<ReserveInput>>,
+    JsonObject(input): JsonObject<ReserveInput>,
 ) -> Result<Json<ReservationView>, InventoryError> {
     let id = model::reservation_id(&path_param(id, "id")?)?;
     let saga = saga.ok_or_else(|| {

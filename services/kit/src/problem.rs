@@ -1,7 +1,7 @@
 //! Errors as RFC 9457 `application/problem+json`, with stable `type` URIs clients can branch on, and a JSON body
 //! extractor whose rejections are problems too, so bad input never yields a 500 or a plain-text error.
 
-use std::time::Duration;
+use std::{fmt, marker::PhantomData, time::Duration};
 
 use axum::{
     extract::{FromRequest, Request, rejection::JsonRejection},
@@ -9,7 +9,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use problem_details::ProblemDetails;
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{
+    Deserialize, Deserializer, Serialize,
+    de::{DeserializeOwned, MapAccess, Visitor, value::MapAccessDeserializer},
+};
 use serde_json::{Map, Value};
 
 /// The `type` URIs of the problems kubesaga services answer with. They are identifiers, stable across releases.
@@ -192,6 +195,47 @@ impl<T: Serialize> IntoResponse for Json<T> {
     }
 }
 
+/// [`Json`] for a body that must be a JSON object: derived struct deserializers also accept an array of the
+/// fields in order (`["A-1", 2]`), which no client means. Other errors keep serde's field paths.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonObject<T>(pub T);
+
+impl<T, S> FromRequest<S> for JsonObject<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(Object(value)) = Json::<Object<T>>::from_request(req, state).await?;
+        Ok(Self(value))
+    }
+}
+
+/// Deserializes `T` only from a JSON object.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor(PhantomData)).map(Object)
+    }
+}
+
 fn json_rejection(rejection: JsonRejection) -> Problem {
     match rejection {
         JsonRejection::MissingJsonContentType(_) => Problem::custom(
@@ -289,6 +333,21 @@ mod tests {
         let (status, problem) = call(None, "{}").await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert_eq!(problem["type"], types::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn a_json_object_body_refuses_an_array_of_the_fields() {
+        let app = Router::new().route("/", post(|JsonObject(order): JsonObject<Order>| async move { Json(order) }));
+        let request = |body: &'static str| {
+            HttpRequest::post("/").header("content-type", "application/json").body(Body::from(body)).expect("request")
+        };
+        let response = app.clone().oneshot(request(r#"["A", 2]"#)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+        let problem: Value = serde_json::from_slice(&bytes).expect("problem json");
+        assert!(problem["detail"].as_str().is_some_and(|d| d.contains("a JSON object")), "{problem}");
+        let response = app.oneshot(request(r#"{"sku":"A","quantity":2}"#)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
     }
 
     #[test]

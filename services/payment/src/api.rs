@@ -17,7 +17,7 @@ use axum::{
 };
 use kubesaga_kit::{
     idempotency::{IdempotencyLayer, SAGA_ID},
-    problem::{Json, Problem, types},
+    problem::{Json, JsonObject, Problem, types},
     semaphore::{Semaphore, SemaphoreError},
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -605,27 +605,7 @@ impl AppState {
     }
 }
 
-/// A JSON object body, with the same rejections as the kit's [`Json`] plus one: the body must be an object
-/// (serde would otherwise accept an array for a struct, matching fields by position).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JsonObject<T>(pub T);
-
-impl<T, S> FromRequest<S> for JsonObject<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = Problem;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Problem> {
-        match json_object(request, state, false).await? {
-            Some(value) => Ok(Self(value)),
-            None => Err(Problem::validation("body", "a JSON object body is required")),
-        }
-    }
-}
-
-/// Like [`JsonObject`], but the body may also be absent (empty), which gives `T::default()`.
+/// Like the kit's [`JsonObject`], but the body may also be absent (empty), which gives `T::default()`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OptionalJson<T>(pub T);
 
@@ -660,17 +640,10 @@ where
             Problem::validation("body", rejection.body_text())
         }
     })?;
-    let first = bytes.iter().find(|byte| !byte.is_ascii_whitespace()).copied();
-    if optional && first.is_none() {
+    if optional && bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let request = Request::from_parts(parts, Body::from(bytes));
-    if first != Some(b'{') {
-        // Parsed anyway so that a wrong media type or malformed JSON gets the same problem as anywhere else.
-        let Json(_) = Json::<serde_json::Value>::from_request(request, state).await?;
-        return Err(Problem::validation("body", "the body must be a JSON object"));
-    }
-    let Json(value) = Json::<T>::from_request(request, state).await?;
+    let JsonObject(value) = JsonObject::<T>::from_request(Request::from_parts(parts, Body::from(bytes)), state).await?;
     Ok(Some(value))
 }
 
