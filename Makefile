@@ -28,12 +28,14 @@ cluster-up: ## Start the local control plane and install the CRDs; prints the KU
 cluster-down: ## Stop the local control plane, Redis and Postgres started by this checkout
 	hack/env.sh down
 
-lint: ## rustfmt and clippy, as CI runs them
+lint: ## rustfmt, clippy and actionlint (shellcheck on run: blocks when installed), as CI runs them
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	@command -v shellcheck >/dev/null || echo "lint: shellcheck is not installed, so actionlint skips the run: scripts (apt-get install shellcheck)" >&2
+	actionlint=$$(hack/build-tools.sh actionlint) && "$$actionlint" .github/workflows/*.yml
 
 fmt: ## Format the code
 	cargo fmt --all
 
-tools: ## Build the pinned control-plane binaries into the cache (done on demand by the other targets)
-	hack/build-tools.sh
+tools: ## Build every pinned tool (control plane, helm, actionlint) into the cache; TOOLS="helm actionlint" for some
+	hack/build-tools.sh $(or $(TOOLS),all)
