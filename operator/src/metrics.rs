@@ -89,3 +89,77 @@ fn phase_label(phase: SagaPhase) -> &'static str {
         SagaPhase::Failed => "Failed",
     }
 }
+
+/// Metrics of the outbox relays, labelled `relay="<namespace>/<name>"`.
+pub mod relay {
+    use metrics::{counter, gauge, histogram};
+
+    use crate::relay::store::Stats;
+
+    /// Counter: events published.
+    pub const PUBLISHED: &str = "kubesaga_outbox_published_total";
+    /// Counter: publishes Redis refused for the entry (the row is retried or dead-lettered).
+    pub const PUBLISH_FAILURES: &str = "kubesaga_outbox_publish_failures_total";
+    /// Counter: rows moved to the dead-letter table.
+    pub const DEAD_LETTERED: &str = "kubesaga_outbox_dead_lettered_total";
+    /// Counter: claims given back because their relay took longer than `processingTimeout` (zombie recovery).
+    pub const RECOVERED: &str = "kubesaga_outbox_recovered_total";
+    /// Counter: PUBLISHED rows deleted after `publishedRetention`.
+    pub const PURGED: &str = "kubesaga_outbox_purged_total";
+    /// Gauge: PENDING rows.
+    pub const PENDING: &str = "kubesaga_outbox_pending";
+    /// Gauge: PROCESSING rows.
+    pub const PROCESSING: &str = "kubesaga_outbox_processing";
+    /// Gauge: age of the oldest PENDING row in seconds (0 when none).
+    pub const OLDEST_PENDING: &str = "kubesaga_outbox_oldest_pending_seconds";
+    /// Gauge: 1 while the oldest PENDING row is older than `stalePendingAfter` (the stale-pending alert).
+    pub const STALE: &str = "kubesaga_outbox_stale";
+    /// Gauge: 1 while the relay reaches its database and Redis.
+    pub const UP: &str = "kubesaga_outbox_up";
+    /// Histogram: seconds from an event's commit to its entry on the stream.
+    pub const LAG: &str = "kubesaga_outbox_publish_lag_seconds";
+
+    /// Records published events and their commit-to-stream lags.
+    pub fn published(relay: &str, lags: impl Iterator<Item = f64>) {
+        let lag = histogram!(LAG, "relay" => relay.to_owned());
+        let mut n = 0;
+        for seconds in lags {
+            lag.record(seconds);
+            n += 1;
+        }
+        counter!(PUBLISHED, "relay" => relay.to_owned()).increment(n);
+    }
+
+    /// Records publishes refused for their entry.
+    pub fn publish_failures(relay: &str, n: u64) {
+        counter!(PUBLISH_FAILURES, "relay" => relay.to_owned()).increment(n);
+    }
+
+    /// Records rows dead-lettered.
+    pub fn dead_lettered(relay: &str, n: u64) {
+        counter!(DEAD_LETTERED, "relay" => relay.to_owned()).increment(n);
+    }
+
+    /// Records zombie claims given back.
+    pub fn recovered(relay: &str, n: u64) {
+        counter!(RECOVERED, "relay" => relay.to_owned()).increment(n);
+    }
+
+    /// Records PUBLISHED rows deleted.
+    pub fn purged(relay: &str, n: u64) {
+        counter!(PURGED, "relay" => relay.to_owned()).increment(n);
+    }
+
+    /// Sets the gauges from fresh counts.
+    pub fn stats(relay: &str, stats: &Stats, stale: bool) {
+        gauge!(PENDING, "relay" => relay.to_owned()).set(stats.pending as f64);
+        gauge!(PROCESSING, "relay" => relay.to_owned()).set(stats.processing as f64);
+        gauge!(OLDEST_PENDING, "relay" => relay.to_owned()).set(stats.oldest_pending_seconds.unwrap_or(0.0));
+        gauge!(STALE, "relay" => relay.to_owned()).set(if stale { 1.0 } else { 0.0 });
+    }
+
+    /// Sets whether the relay is connected.
+    pub fn up(relay: &str, up: bool) {
+        gauge!(UP, "relay" => relay.to_owned()).set(if up { 1.0 } else { 0.0 });
+    }
+}

@@ -1,5 +1,5 @@
-//! Running the operator: start-up checks, the health and metrics endpoints, leader election and the Saga
-//! controller.
+//! Running the operator: start-up checks, the health and metrics endpoints, leader election, the Saga controller
+//! and the OutboxRelay workers.
 
 use std::{
     net::SocketAddr,
@@ -26,11 +26,13 @@ use kube::{
 use kube_lease_manager::LeaseManagerBuilder;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    crd::{Saga, SagaPhase},
+    crd::{OutboxRelay, Saga, SagaPhase},
     error::Error,
     metrics,
+    relay::{supervisor, worker::Shared},
     saga::{
         limits::{LimitsConfig, Targets},
         reconcile::{self, Context},
@@ -104,7 +106,18 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .map_err(|e| Error::Startup(format!("cannot build the HTTP client: {e}")))?;
     let identity = config.leader_election.as_ref().map(|e| e.identity.clone());
     let recorder =
-        Recorder::new(client.clone(), Reporter { controller: "kubesaga-operator".into(), instance: identity });
+        Recorder::new(client.clone(), Reporter { controller: "kubesaga-operator".into(), instance: identity.clone() });
+    let relays: Api<OutboxRelay> = match &config.namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let relay_shared = Arc::new(Shared {
+        client: client.clone(),
+        recorder: recorder.clone(),
+        identity: identity.unwrap_or_else(|| format!("kubesaga-operator-{}", std::process::id())),
+    });
+    let stop_relays = CancellationToken::new();
+    let relays_done = tokio::spawn(supervisor::supervise(relays, relay_shared, stop_relays.clone()));
     let context = Arc::new(Context::new(
         client.clone(),
         http,
@@ -118,7 +131,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .with_config(ControllerConfig::default().concurrency(config.concurrency));
     tokio::spawn(publish_phase_counts(controller.store()));
     ready.store(true, Ordering::Relaxed);
-    tracing::info!(namespace = config.namespace.as_deref().unwrap_or("<all>"), "Saga controller started");
+    tracing::info!(
+        namespace = config.namespace.as_deref().unwrap_or("<all>"),
+        "Saga and OutboxRelay controllers started"
+    );
 
     let driven = controller.shutdown_on_signal().run(reconcile::reconcile, reconcile::error_policy, context).for_each(
         |result| async move {
@@ -127,7 +143,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         },
     );
-    match leadership.as_mut() {
+    let result = match leadership.as_mut() {
         None => {
             driven.await;
             Ok(())
@@ -140,27 +156,44 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 )),
             }
         }
+    };
+    // Relays finish their round, so no claim is left for zombie recovery.
+    stop_relays.cancel();
+    if let Err(err) = relays_done.await {
+        tracing::warn!(error = %err, "the relay supervisor did not stop cleanly");
     }
+    result
 }
 
-/// Refuses to start when the CRD is missing, saying what to run.
+/// Refuses to start when a CRD is missing, saying what to run.
 async fn check_crd_installed(client: &Client, namespace: Option<&str>) -> Result<(), Error> {
-    let api: Api<Saga> = match namespace {
+    check_listable::<Saga>(client, namespace, "Saga", "sagas").await?;
+    check_listable::<OutboxRelay>(client, namespace, "OutboxRelay", "outboxrelays").await
+}
+
+async fn check_listable<K>(client: &Client, namespace: Option<&str>, kind: &str, plural: &str) -> Result<(), Error>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = match namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::Startup(
-            "the Saga CRD is not installed: run `kubectl apply --server-side -f crds/` \
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::Startup(format!(
+            "the {kind} CRD is not installed: run `kubectl apply --server-side -f crds/` \
              (or `kubesaga-operator crd | kubectl apply --server-side -f -`)"
-                .into(),
-        )),
+        ))),
         Err(kube::Error::Api(status)) if status.code == 403 => Err(Error::Startup(format!(
-            "not allowed to list sagas: {}; grant the operator's service account the RBAC in charts/kubesaga",
+            "not allowed to list {plural}: {}; grant the operator's service account the RBAC in charts/kubesaga",
             status.message
         ))),
-        Err(e) => Err(Error::Startup(format!("cannot list sagas: {e}"))),
+        Err(e) => Err(Error::Startup(format!("cannot list {plural}: {e}"))),
     }
 }
 

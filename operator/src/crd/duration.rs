@@ -2,6 +2,7 @@
 
 use std::{fmt, str::FromStr};
 
+use kube::core::{Message, Rule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,25 @@ impl JsonSchema for Duration {
             "maxLength": 32,
             "description": "A duration such as 500ms, 30s, 5m or 1h30m.",
         })
+    }
+}
+
+/// CEL: `expr` (a string) is not a well-formed duration, so a rule about its value has nothing to check.
+pub(crate) fn not_a_duration(expr: &str) -> String {
+    format!("!{expr}.matches(r'{PATTERN}')")
+}
+
+/// A `Duration` field at most `max` long, and longer than zero unless `zero_ok`.
+pub(crate) fn rule_duration_cap(max: &str, zero_ok: bool) -> Rule {
+    let not_a_duration = not_a_duration("self");
+    if zero_ok {
+        Rule::new(format!("{not_a_duration} || duration(self) <= duration('{max}')"))
+            .message(Message::Message(format!("must be at most {max}")))
+    } else {
+        Rule::new(format!(
+            "{not_a_duration} || (duration(self) > duration('0s') && duration(self) <= duration('{max}'))"
+        ))
+        .message(Message::Message(format!("must be longer than 0s and at most {max}")))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Custom resource types of the `kubesaga.dev` API group.
 
-mod duration;
+pub(crate) mod duration;
 mod outbox_relay;
 mod saga;
 
@@ -8,7 +8,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 pub use duration::{Duration, DurationError};
-pub use outbox_relay::{OutboxRelay, OutboxRelaySpec, OutboxRelayStatus};
+pub use outbox_relay::{
+    Backoff, DatabaseRef, Destination, OutboxRelay, OutboxRelaySpec, OutboxRelayStatus, RedisRef, SecretKeyRef,
+};
 pub use saga::*;
 
 /// The API group of every kubesaga resource.

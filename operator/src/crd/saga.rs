@@ -20,7 +20,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::duration::{Duration, PATTERN as DURATION_PATTERN};
+use super::duration::{Duration, not_a_duration, rule_duration_cap};
 
 /// Most steps a saga may have.
 pub const MAX_STEPS: usize = 64;
@@ -89,25 +89,6 @@ const TEMPLATE_MESSAGE: &str = "every {{ ... }} must be one of {{ input.<key> }}
 fn index_texts() -> String {
     let texts: Vec<String> = (0..MAX_STEPS).map(|i| format!("'{i}'")).collect();
     format!("[{}]", texts.join(", "))
-}
-
-/// CEL: `expr` (a string) is not a well-formed duration, so a rule about its value has nothing to check.
-fn not_a_duration(expr: &str) -> String {
-    format!("!{expr}.matches(r'{DURATION_PATTERN}')")
-}
-
-/// A `Duration` field at most `max` long, and longer than zero unless `zero_ok`.
-fn rule_duration_cap(max: &str, zero_ok: bool) -> Rule {
-    let not_a_duration = not_a_duration("self");
-    if zero_ok {
-        Rule::new(format!("{not_a_duration} || duration(self) <= duration('{max}')"))
-            .message(Message::Message(format!("must be at most {max}")))
-    } else {
-        Rule::new(format!(
-            "{not_a_duration} || (duration(self) > duration('0s') && duration(self) <= duration('{max}'))"
-        ))
-        .message(Message::Message(format!("must be longer than 0s and at most {max}")))
-    }
 }
 
 /// `initialBackoff` is not greater than `maxBackoff`.
@@ -1152,10 +1133,14 @@ mod tests {
                 (Some(0.0), Some(1.0))
             );
             for duration in [at(call, "timeout"), at(retry, "initialBackoff"), at(retry, "maxBackoff")] {
-                assert_eq!(duration["pattern"], json!(DURATION_PATTERN), "the CEL rules skip what the pattern rejects");
+                assert_eq!(
+                    duration["pattern"],
+                    json!(crate::crd::duration::PATTERN),
+                    "the CEL rules skip what the pattern rejects"
+                );
             }
         }
-        assert_eq!(at(spec, "deadline")["pattern"], json!(DURATION_PATTERN));
+        assert_eq!(at(spec, "deadline")["pattern"], json!(crate::crd::duration::PATTERN));
         let root_rules = schema["x-kubernetes-validations"].as_array().map_or(0, Vec::len);
         assert_eq!(root_rules, 1, "the immutability rule sits at the root");
     }

@@ -20,11 +20,13 @@ use k8s_openapi::{
 use serde_json::Value;
 
 use super::{
-    conditions::{self, Status, types},
     policy::{CallKind, Policy},
     template::{self, RenderedRequest, TemplateContext},
 };
-use crate::crd::{CallPhase, CallStatus, HttpCall, SagaPhase, SagaReason, SagaSpec, SagaStatus, StepStatus};
+use crate::{
+    conditions::{self, Status},
+    crd::{CallPhase, CallStatus, HttpCall, SagaPhase, SagaReason, SagaSpec, SagaStatus, StepStatus},
+};
 
 /// Largest JSON output kept for one step; a bigger response body fails the step (the call did happen, so the
 /// step is compensated).
@@ -665,7 +667,8 @@ impl Planner<'_> {
                     .rev()
                     .find(|n| n.warning && n.reason != "RetryIgnored")
                     .map(|n| n.message.clone());
-                let existing = conditions::get(&self.status.conditions, types::DEGRADED).map(|c| c.message.clone());
+                let existing =
+                    conditions::get(&self.status.conditions, conditions::saga::DEGRADED).map(|c| c.message.clone());
                 (
                     (Status::False, why.clone(), format!("failed ({why})")),
                     (Status::False, "Finished".to_owned(), String::new()),
@@ -673,15 +676,17 @@ impl Planner<'_> {
                 )
             }
         };
-        for (type_, (status, reason, message)) in
-            [(types::SUCCEEDED, succeeded), (types::PROGRESSING, progressing), (types::DEGRADED, degraded)]
-        {
+        for (type_, (status, reason, message)) in [
+            (conditions::saga::SUCCEEDED, succeeded),
+            (conditions::saga::PROGRESSING, progressing),
+            (conditions::saga::DEGRADED, degraded),
+        ] {
             conditions::set(&mut self.status.conditions, type_, status, &reason, message, generation, &now);
         }
     }
 
     fn progressing_reason(&self) -> Option<&str> {
-        conditions::get(&self.status.conditions, types::PROGRESSING).map(|c| c.reason.as_str())
+        conditions::get(&self.status.conditions, conditions::saga::PROGRESSING).map(|c| c.reason.as_str())
     }
 
     fn template_context(&self) -> TemplateContext<'_> {

@@ -27,14 +27,12 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::{
+    conditions,
     crd::{
         CallDefaults, CallPhase, CallPolicy, FinishedTtl, HttpCall, HttpMethod, InputValue, RetryPolicy, SagaPhase,
         SagaReason, SagaSpec, SagaStatus, Step, StepStatus,
     },
-    saga::{
-        conditions::types,
-        policy::{CallKind, Policy},
-    },
+    saga::policy::{CallKind, Policy},
 };
 
 const UID: &str = "5f0c8a4e-2b1d-4c3e-9a7f-1e2d3c4b5a69";
@@ -726,9 +724,9 @@ fn happy_path_runs_every_step_once_in_order_and_succeeds() {
         ]
     );
     assert!(sim.notes.iter().all(|n| !n.warning));
-    assert_eq!(summary(sim.condition(types::SUCCEEDED)), ("True", "Succeeded"));
-    assert_eq!(summary(sim.condition(types::PROGRESSING)), ("False", "Finished"));
-    assert_eq!(summary(sim.condition(types::DEGRADED)), ("False", "AsExpected"));
+    assert_eq!(summary(sim.condition(conditions::saga::SUCCEEDED)), ("True", "Succeeded"));
+    assert_eq!(summary(sim.condition(conditions::saga::PROGRESSING)), ("False", "Finished"));
+    assert_eq!(summary(sim.condition(conditions::saga::DEGRADED)), ("False", "AsExpected"));
 }
 
 #[test]
@@ -1037,7 +1035,7 @@ fn deadline_passing_mid_saga_compensates_with_reason_deadline_exceeded() {
     let b = &sim.step("b").action;
     assert_eq!((b.phase, b.attempts, b.next_attempt_at.as_ref()), (CallPhase::Failed, 2, None));
     assert!(b.last_error.as_deref().is_some_and(|e| e.contains("abandoned") && e.contains("DeadlineExceeded")));
-    assert_eq!(summary(condition(&compensating.status, types::SUCCEEDED)), ("False", "DeadlineExceeded"));
+    assert_eq!(summary(condition(&compensating.status, conditions::saga::SUCCEEDED)), ("False", "DeadlineExceeded"));
 }
 
 #[test]
@@ -1161,7 +1159,7 @@ fn a_permanent_failure_after_the_pivot_fails_the_saga_without_compensating() {
     assert_eq!((sim.phase(), sim.reason()), (Some(SagaPhase::Failed), Some(SagaReason::FailedAfterPivot)));
     let note = sim.notes_named("FailedAfterPivot");
     assert!(note[0].warning && note[0].message.contains("step c"), "{note:?}");
-    let degraded = sim.condition(types::DEGRADED);
+    let degraded = sim.condition(conditions::saga::DEGRADED);
     assert_eq!(summary(degraded), ("True", "FailedAfterPivot"));
     assert!(degraded.message.contains("step c"));
     // An oversized output after the pivot cannot be undone either.
@@ -1241,10 +1239,10 @@ fn compensation_that_exhausts_its_retries_fails_the_saga_and_names_the_step() {
     assert!(failed[0].warning);
     assert!(failed[0].message.contains("compensation of step a gave up after 3 attempts"), "{}", failed[0].message);
     assert!(failed[0].message.contains("kubesaga.dev/retry-compensation"));
-    let degraded = sim.condition(types::DEGRADED);
+    let degraded = sim.condition(conditions::saga::DEGRADED);
     assert_eq!(summary(degraded), ("True", "CompensationFailed"));
     assert!(degraded.message.contains("step a"));
-    assert_eq!(summary(sim.condition(types::PROGRESSING)), ("False", "Finished"));
+    assert_eq!(summary(sim.condition(conditions::saga::PROGRESSING)), ("False", "Finished"));
     assert_eq!(sim.step("b").compensation.as_ref().map(|c| c.phase), Some(CallPhase::Succeeded));
 }
 
@@ -1290,12 +1288,12 @@ fn retry_compensation_annotation_retries_once_per_new_value() {
 fn an_ignored_retry_request_keeps_the_explanation_of_a_failed_saga() {
     let mut sim = saga().steps(["a", "b", "c"]).pivot("b").simulate().action_always("c", rejected(422));
     sim.run();
-    let explanation = sim.condition(types::DEGRADED).message.clone();
+    let explanation = sim.condition(conditions::saga::DEGRADED).message.clone();
     assert!(explanation.contains("step c failed after the pivot"), "{explanation}");
     sim.retry_compensation = Some("1".into());
     sim.run();
     assert_eq!(sim.notes_named("RetryIgnored").len(), 1);
-    assert_eq!(sim.condition(types::DEGRADED).message, explanation);
+    assert_eq!(sim.condition(conditions::saga::DEGRADED).message, explanation);
 }
 
 #[test]
@@ -1327,8 +1325,8 @@ fn suspended_before_the_first_step_makes_no_calls_until_resumed() {
     assert!(sim.calls.is_empty());
     assert_eq!(sim.phase(), Some(SagaPhase::Pending));
     assert_eq!(sim.persisted.started_at, None, "the deadline does not run while suspended before the start");
-    assert_eq!(summary(sim.condition(types::PROGRESSING)), ("False", "Suspended"));
-    assert_eq!(summary(sim.condition(types::SUCCEEDED)), ("Unknown", "Pending"));
+    assert_eq!(summary(sim.condition(conditions::saga::PROGRESSING)), ("False", "Suspended"));
+    assert_eq!(summary(sim.condition(conditions::saga::SUCCEEDED)), ("Unknown", "Pending"));
     assert_eq!(sim.notes_named("Suspended").len(), 1);
     sim.now = at(3600);
     sim.suspend = false;
@@ -1348,7 +1346,7 @@ fn suspended_mid_saga_makes_no_calls_until_resumed() {
     assert_eq!(sim.run(), Effect::AwaitChange);
     assert_eq!(sim.trace(), ["a#1"]);
     assert_eq!(sim.phase(), Some(SagaPhase::Running));
-    let progressing = sim.condition(types::PROGRESSING);
+    let progressing = sim.condition(conditions::saga::PROGRESSING);
     assert_eq!(summary(progressing), ("False", "Suspended"));
     assert!(progressing.message.contains("step b"));
     assert_eq!(sim.writes.len(), writes + 1, "only the condition changes");
@@ -1366,7 +1364,7 @@ fn suspension_pauses_compensation() {
     sim.run();
     assert_eq!(sim.trace(), ["a#1", "b#1", "c#1", "undo b#1"]);
     assert_eq!(sim.phase(), Some(SagaPhase::Compensating));
-    assert_eq!(summary(sim.condition(types::PROGRESSING)), ("False", "Suspended"));
+    assert_eq!(summary(sim.condition(conditions::saga::PROGRESSING)), ("False", "Suspended"));
     sim.suspend = false;
     sim.run();
     assert_eq!(sim.undone(), ["b", "a"]);
@@ -1596,10 +1594,10 @@ fn invalid_templates_fail_the_saga_before_any_call() {
         let note = sim.notes_named("InvalidSpec");
         assert!(note[0].warning && note[0].message.contains(location), "{location}: {note:?}");
         assert_eq!(sim.writes.len(), 1);
-        let degraded = sim.condition(types::DEGRADED);
+        let degraded = sim.condition(conditions::saga::DEGRADED);
         assert_eq!(summary(degraded), ("True", "InvalidSpec"));
         assert!(degraded.message.contains(location));
-        assert_eq!(summary(sim.condition(types::SUCCEEDED)), ("False", "InvalidSpec"));
+        assert_eq!(summary(sim.condition(conditions::saga::SUCCEEDED)), ("False", "InvalidSpec"));
     }
 }
 
@@ -1614,15 +1612,15 @@ fn the_first_decision_sets_all_three_conditions_and_the_observed_generation() {
     let decision = plan(sim.input(&SagaStatus::default(), None));
     assert_eq!(decision.status.observed_generation, Some(3));
     let kinds: Vec<_> = decision.status.conditions.iter().map(|c| c.type_.as_str()).collect();
-    assert_eq!(kinds, [types::SUCCEEDED, types::PROGRESSING, types::DEGRADED]);
+    assert_eq!(kinds, [conditions::saga::SUCCEEDED, conditions::saga::PROGRESSING, conditions::saga::DEGRADED]);
     for condition in &decision.status.conditions {
         assert_eq!(condition.observed_generation, Some(3));
         assert_eq!(condition.last_transition_time, Time(t0()));
     }
     let status = &decision.status;
-    assert_eq!(summary(condition(status, types::SUCCEEDED)), ("Unknown", "Running"));
-    assert_eq!(summary(condition(status, types::PROGRESSING)), ("True", "RunningStep"));
-    assert_eq!(summary(condition(status, types::DEGRADED)), ("False", "AsExpected"));
+    assert_eq!(summary(condition(status, conditions::saga::SUCCEEDED)), ("Unknown", "Running"));
+    assert_eq!(summary(condition(status, conditions::saga::PROGRESSING)), ("True", "RunningStep"));
+    assert_eq!(summary(condition(status, conditions::saga::DEGRADED)), ("False", "AsExpected"));
     // A new generation is observed on the next decision, whatever else happens.
     sim.generation = Some(4);
     let again = plan(sim.input(status, None));
@@ -1639,7 +1637,7 @@ fn last_transition_time_moves_only_when_a_condition_flips() {
         .action_replies("b", [unavailable(), unavailable()]);
     sim.run();
     assert_eq!(sim.phase(), Some(SagaPhase::Succeeded));
-    for type_ in [types::SUCCEEDED, types::PROGRESSING, types::DEGRADED] {
+    for type_ in [conditions::saga::SUCCEEDED, conditions::saga::PROGRESSING, conditions::saga::DEGRADED] {
         let mut previous: Option<&Condition> = None;
         let mut flips = vec![];
         for write in &sim.writes {
@@ -1656,8 +1654,8 @@ fn last_transition_time_moves_only_when_a_condition_flips() {
             previous = Some(current);
         }
         let expected: &[&str] = match type_ {
-            types::SUCCEEDED => &["Unknown", "True"],
-            types::PROGRESSING => &["True", "False"],
+            conditions::saga::SUCCEEDED => &["Unknown", "True"],
+            conditions::saga::PROGRESSING => &["True", "False"],
             _ => &["False", "True", "False"],
         };
         assert_eq!(flips, expected, "{type_}");
@@ -1666,7 +1664,7 @@ fn last_transition_time_moves_only_when_a_condition_flips() {
     let retrying: Vec<_> = sim
         .writes
         .iter()
-        .map(|w| condition(&w.status, types::DEGRADED))
+        .map(|w| condition(&w.status, conditions::saga::DEGRADED))
         .filter(|c| c.status == "True")
         .map(|c| (c.message.clone(), c.last_transition_time.clone()))
         .collect();
@@ -2019,7 +2017,7 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
     let mut previous: Option<&Write> = None;
     for write in &sim.writes {
         assert_eq!(write.status.observed_generation, sim.generation);
-        for type_ in [types::SUCCEEDED, types::PROGRESSING, types::DEGRADED] {
+        for type_ in [conditions::saga::SUCCEEDED, conditions::saga::PROGRESSING, conditions::saga::DEGRADED] {
             let current = condition(&write.status, type_);
             assert_eq!(current.observed_generation, sim.generation);
             let before = previous.map(|p| condition(&p.status, type_));
@@ -2032,10 +2030,10 @@ fn check_invariants(case: &Case, sim: &Sim, effect: &Effect) {
         }
         previous = Some(write);
     }
-    let succeeded = condition(status, types::SUCCEEDED);
+    let succeeded = condition(status, conditions::saga::SUCCEEDED);
     assert_eq!(succeeded.status == "True", phase == SagaPhase::Succeeded);
-    assert_eq!(summary(condition(status, types::PROGRESSING)), ("False", "Finished"));
-    assert_eq!(condition(status, types::DEGRADED).status == "True", phase == SagaPhase::Failed);
+    assert_eq!(summary(condition(status, conditions::saga::PROGRESSING)), ("False", "Finished"));
+    assert_eq!(condition(status, conditions::saga::DEGRADED).status == "True", phase == SagaPhase::Failed);
 }
 
 proptest! {

@@ -400,20 +400,14 @@ enum FaultPoint {
     AfterCall,
 }
 
-/// Crash tests make the process die at an exact point of a saga: `KUBESAGA_FAULT_INJECTION=crash-before-call:<step>`
-/// aborts after the write-ahead status of a call to `<step>` is persisted and before the request is sent;
-/// `crash-after-call:<step>` aborts after the response arrived and before its result is persisted. Unset in
-/// production, where this is one environment lookup per call.
+/// Crash tests make the process die at an exact point of a saga: `crash-before-call:<step>` aborts after the
+/// write-ahead status of a call to `<step>` is persisted and before the request is sent; `crash-after-call:<step>`
+/// aborts after the response arrived and before its result is persisted.
 fn fault_point(point: FaultPoint, step: &str) {
-    let Ok(spec) = std::env::var("KUBESAGA_FAULT_INJECTION") else { return };
-    let expected = match point {
+    crate::fault::point(|| match point {
         FaultPoint::BeforeCall => format!("crash-before-call:{step}"),
         FaultPoint::AfterCall => format!("crash-after-call:{step}"),
-    };
-    if spec == expected {
-        eprintln!("fault injection: {expected}: aborting");
-        std::process::abort();
-    }
+    });
 }
 
 fn until(now: Timestamp, at: Timestamp) -> Duration {

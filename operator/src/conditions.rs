@@ -1,9 +1,9 @@
-//! Standard Kubernetes conditions on a saga's status.
+//! Standard Kubernetes conditions, as both resources' statuses carry them.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// Condition types a saga carries.
-pub mod types {
+pub mod saga {
     /// True once every step succeeded; False once the saga compensated or failed.
     pub const SUCCEEDED: &str = "Succeeded";
     /// True while the operator is making calls for the saga.
@@ -84,14 +84,14 @@ mod tests {
     #[test]
     fn transition_time_moves_only_when_the_status_flips() {
         let mut conditions = vec![];
-        set(&mut conditions, types::DEGRADED, Status::False, "Healthy", "ok".into(), Some(1), &at(10));
-        set(&mut conditions, types::DEGRADED, Status::True, "Retrying", "attempt 1".into(), Some(1), &at(20));
-        set(&mut conditions, types::DEGRADED, Status::True, "Retrying", "attempt 2".into(), Some(2), &at(30));
+        set(&mut conditions, saga::DEGRADED, Status::False, "Healthy", "ok".into(), Some(1), &at(10));
+        set(&mut conditions, saga::DEGRADED, Status::True, "Retrying", "attempt 1".into(), Some(1), &at(20));
+        set(&mut conditions, saga::DEGRADED, Status::True, "Retrying", "attempt 2".into(), Some(2), &at(30));
         assert_eq!(conditions.len(), 1);
         let c = &conditions[0];
         assert_eq!((c.status.as_str(), c.message.as_str()), ("True", "attempt 2"));
         assert_eq!(c.last_transition_time, at(20));
         assert_eq!(c.observed_generation, Some(2));
-        assert!(get(&conditions, types::SUCCEEDED).is_none());
+        assert!(get(&conditions, saga::SUCCEEDED).is_none());
     }
 }
