@@ -44,7 +44,7 @@ async fn send(State(db): State<PgPool>, Json(message): Json<Message>) -> Result<
     Ok((StatusCode::CREATED, Json(sent)))
 }
 
-/// Filter of [`list`].
+/// Filter of `GET /notifications`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase")]
 pub struct ListQuery {
