@@ -32,7 +32,7 @@ lint: ## rustfmt, clippy and actionlint (shellcheck on run: blocks when installe
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	@command -v shellcheck >/dev/null || echo "lint: shellcheck is not installed, so actionlint skips the run: scripts (apt-get install shellcheck)" >&2
-	actionlint=$$(hack/build-tools.sh actionlint) && "$$actionlint" .github/workflows/*.yml
+	bin=$$(hack/build-tools.sh actionlint) && "$$bin/actionlint" .github/workflows/*.yml
 
 fmt: ## Format the code
 	cargo fmt --all

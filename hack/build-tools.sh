@@ -5,8 +5,9 @@
 # under hack/tools/ with -mod=readonly, so only the committed go.mod/go.sum decide what goes in.
 #
 #   hack/build-tools.sh                   the control plane; prints its bin directory
-#   hack/build-tools.sh helm actionlint   only the named tools; prints each binary's path, one a line
-#   hack/build-tools.sh all               every tool; prints each binary's path, one a line
+#   hack/build-tools.sh helm              only the named tools; prints the bin directory that holds them, one
+#   hack/build-tools.sh helm actionlint   line per directory: "$(hack/build-tools.sh helm)/helm" is the binary
+#   hack/build-tools.sh all               every tool; prints every bin directory
 #   KUBESAGA_CACHE=/some/dir ...          cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/kubesaga)
 #
 # Tools: etcd kube-apiserver kube-controller-manager kubectl helm actionlint. The control plane lives in
@@ -114,9 +115,10 @@ for arg in "$@"; do
     tools+=("$arg")
   fi
 done
+dirs=()
 for tool in "${tools[@]}"; do
   build_tool "$tool"
+  dir=$(tool_dir "$tool")
+  case " ${dirs[*]} " in *" $dir "*) ;; *) dirs+=("$dir") ;; esac
 done
-for tool in "${tools[@]}"; do
-  echo "$(tool_dir "$tool")/$tool"
-done
+printf '%s\n' "${dirs[@]}"
