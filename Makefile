@@ -19,8 +19,9 @@ test: ## Run every test against a real local control plane, Redis and Postgres (
 bench: ## Benchmark the Saga controller on the local control plane (release build; see BENCHMARKS.md)
 	hack/bench.sh
 
-crds: ## Regenerate crds/*.yaml from the Rust types
+crds: ## Regenerate crds/*.yaml from the Rust types, and the chart's copies of them and of the k6 scripts
 	cargo run --quiet --locked -p kubesaga-operator -- crd --out-dir crds
+	hack/check-chart.sh sync
 
 cluster-up: ## Start the local control plane and install the CRDs; prints the KUBECONFIG export line
 	@eval "$$(hack/cluster.sh up)" && "$$KUBECTL" apply --server-side -f crds/ >&2 && hack/cluster.sh env

@@ -10,3 +10,4 @@ start=$SECONDS
 env_up_stop_on_exit cluster stores
 log "environment ready in $((SECONDS - start))s"
 cargo test --workspace --locked --no-fail-fast "$@"
+hack/check-chart.sh
