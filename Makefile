@@ -29,11 +29,12 @@ cluster-up: ## Start the local control plane and install the CRDs; prints the KU
 cluster-down: ## Stop the local control plane, Redis and Postgres started by this checkout
 	hack/env.sh down
 
-lint: ## rustfmt, clippy and actionlint (shellcheck on run: blocks when installed), as CI runs them
+lint: ## rustfmt, clippy, actionlint (shellcheck on run: blocks when installed) and the chart checks, as CI runs them
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	@command -v shellcheck >/dev/null || echo "lint: shellcheck is not installed, so actionlint skips the run: scripts (apt-get install shellcheck)" >&2
 	bin=$$(hack/build-tools.sh actionlint) && "$$bin/actionlint" .github/workflows/*.yml
+	hack/check-chart.sh
 
 fmt: ## Format the code
 	cargo fmt --all
