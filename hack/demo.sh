@@ -69,7 +69,7 @@ start notification LISTEN_ADDR="127.0.0.1:${port[notification]}"
 start order LISTEN_ADDR="127.0.0.1:${port[order]}" SAGA_NAMESPACE="$namespace" \
   ORDER_URL="$(url order)" INVENTORY_URL="$(url inventory)" PAYMENT_URL="$(url payment)"
 # setsid and env both exec, so each pid file names the service's own process.
-start operator RUST_LOG=info,kube=warn run --namespace "$namespace" \
+start operator RUST_LOG=info,kube_client=warn,kube_runtime=warn run --namespace "$namespace" \
   --lease-namespace "$namespace" --listen "127.0.0.1:${port[operator]}"
 for c in "${components[@]}"; do
   wait_until 60 "$c ready" curl -fsS "$(url "$c")/readyz" ||

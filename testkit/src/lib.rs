@@ -12,11 +12,13 @@
 mod kubernetes;
 mod operator;
 mod postgres;
+mod redis;
 mod target;
 
 pub use kubernetes::{TestNamespace, client, install_crds, kubectl, kubectl_apply, wait_for};
 pub use operator::OperatorProcess;
 pub use postgres::TestDatabase;
+pub use redis::RedisServer;
 pub use target::{Behaviour, RecordedRequest, RequestOutcome, StepTarget};
 
 /// Reads a variable `make test` sets, or fails the test saying how to run it.

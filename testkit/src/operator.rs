@@ -60,7 +60,14 @@ impl OperatorProcess {
             })
             .args(&self.extra_args)
             .env("KUBECONFIG", required_env("KUBECONFIG"))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .env(
+                "RUST_LOG",
+                // Not `kube=warn`: filter targets match by prefix, and that one would silence `kubesaga_operator` too.
+                std::env::var("RUST_LOG")
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| "info,kube_client=warn,kube_runtime=warn".into()),
+            )
             .envs(std::mem::take(&mut self.env))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))

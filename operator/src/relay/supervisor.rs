@@ -95,7 +95,7 @@ async fn ensure(running: &mut HashMap<(String, String), Running>, relay: OutboxR
 
 async fn stop(running: &mut HashMap<(String, String), Running>, k: &(String, String)) {
     if let Some(old) = running.remove(k) {
-        tracing::info!(relay = %format!("{}/{}", k.0, k.1), "stopping the relay");
         old.stop().await;
+        tracing::info!(relay = %format!("{}/{}", k.0, k.1), "relay stopped");
     }
 }

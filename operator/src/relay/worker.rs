@@ -61,7 +61,7 @@ pub async fn run(relay: OutboxRelay, shared: Arc<Shared>, cancel: CancellationTo
                 worker.relay(stores, &cancel).await;
             }
             Err(down) => {
-                tracing::warn!(relay = %worker.label, reason = down.0, message = %down.1, "relay cannot start");
+                tracing::warn!(relay = %worker.label, reason = down.0, detail = %down.1, "relay cannot start");
                 worker.report(Connection::Down(down.0, down.1), None).await;
                 if sleep_or_cancel(wait, &cancel).await {
                     return;
@@ -268,7 +268,7 @@ impl Worker {
                     }
                 }
                 Err(down) => {
-                    tracing::warn!(relay = %self.label, reason = down.0, message = %down.1, "relay round failed");
+                    tracing::warn!(relay = %self.label, reason = down.0, detail = %down.1, "relay round failed");
                     self.last_error = Some(down.1.clone());
                     connection = Connection::Down(down.0, down.1);
                     self.report(connection.clone(), None).await;
