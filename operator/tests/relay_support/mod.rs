@@ -1,5 +1,8 @@
 //! A namespace, a database with the outbox tables, the Secrets an OutboxRelay points at, and the operator as a
-//! process with its metrics on a known port; plus helpers to commit rows and read the streams.
+//! process with its metrics on a known port; plus helpers to commit rows and read the streams. Each test binary
+//! that includes it uses a different part.
+
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::{
     future::Future,
@@ -56,13 +59,18 @@ pub struct Fixture {
 impl Fixture {
     /// A namespace `<name>-…`, a database with the outbox migrations, and Secrets `db` and `redis` with the URLs.
     pub async fn new(name: &str, redis_url: &str) -> Self {
+        Self::with_service(name, redis_url, &sqlx::migrate::Migrator::DEFAULT).await
+    }
+
+    /// Like [`Fixture::new`], with a service's own migrations applied beside the outbox ones, as the service does.
+    pub async fn with_service(name: &str, redis_url: &str, service: &sqlx::migrate::Migrator) -> Self {
         let client = kubesaga_testkit::client().await;
         let crds: Vec<_> = crd::all().into_iter().map(|(_, c)| c).collect();
         install_crds(&client, &crds).await;
         let ns = TestNamespace::create(&client, name).await;
         let db = TestDatabase::create(&name.replace('-', "_")).await;
         let pool = db.pool().await;
-        outbox::MIGRATOR.run(&pool).await.expect("outbox migrations");
+        kubesaga_kit::stores::migrate_with_outbox(&pool, service).await.expect("migrations");
         let redis = redis::Client::open(redis_url).expect("redis url");
         let redis = ConnectionManager::new(redis).await.expect("connect to redis");
         let fx = Self { prefix: format!("test.{}.", ns.name), ns, db, pool, redis };
