@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the checkout demo on the local control plane. Brings up etcd + kube-apiserver (+ controller
-# manager), Redis, Postgres, the four services and the operator as local processes, checks out one order that
-# succeeds and one whose payment is declined, and shows what happened.
+# manager), Redis, Postgres, the four services and the operator as local processes, relays the services' outbox
+# tables to Redis Streams, checks out one order that succeeds and one whose payment is declined, and shows what
+# happened, down to the e-mails the notification service sent from the order events.
 #
 #   hack/demo.sh        run the demo; everything keeps running afterwards
 #   hack/demo.sh down   stop the services, the operator, and the environment the demo started
@@ -77,8 +78,29 @@ for c in "${components[@]}"; do
 done
 log "order $(url order), inventory $(url inventory), payment $(url payment), notification $(url notification), operator metrics $(url operator)/metrics"
 
+section "Relaying the outbox tables of order, inventory and payment to Redis Streams"
+# The relays read their URLs from Secrets, as they would in a cluster.
+secret() {
+  "$KUBECTL" create secret generic "$1" -n "$namespace" --from-literal=url="$2" --dry-run=client -o yaml |
+    "$KUBECTL" apply -f - >/dev/null
+}
+secret redis "$REDIS_URL"
+for svc in order inventory payment; do
+  db_var="$(tr '[:lower:]' '[:upper:]' <<<"$svc")_DATABASE_URL"
+  secret "$svc-db" "${!db_var}"
+  sed -e "s/name: order-outbox/name: $svc-outbox/" -e "s/name: order-db/name: $svc-db/" examples/outbox-relay.yaml |
+    "$KUBECTL" apply -n "$namespace" -f - >/dev/null
+done
+for svc in order inventory payment; do
+  "$KUBECTL" wait -n "$namespace" --for=condition=Ready "outboxrelay/$svc-outbox" --timeout=60s >/dev/null ||
+    die "relay $svc-outbox is not Ready; see: $KUBECTL describe outboxrelay -n $namespace $svc-outbox"
+done
+log "relays Ready: order-outbox, inventory-outbox, payment-outbox"
+
 section "Stocking 10 units of BOOK-1"
-curl -fsS -X PUT "$(url inventory)/products/BOOK-1" -H 'content-type: application/json' \
+# A 503 (e.g. the first write after Redis lost its fencing counters) is retried; 5xx answers are not stored under
+# the idempotency key, so the retry runs again.
+curl -fsS --retry 3 --retry-delay 1 -X PUT "$(url inventory)/products/BOOK-1" -H 'content-type: application/json' \
   -H "idempotency-key: seed-$(date +%s%N)" -d '{"name":"The Saga Book","stock":10}' >/dev/null
 curl -fsS "$(url inventory)/products/BOOK-1"
 echo
@@ -114,12 +136,25 @@ psql_q "$ORDER_DATABASE_URL" "SELECT id, status, amount_cents, version FROM orde
 psql_q "$INVENTORY_DATABASE_URL" "SELECT sku, stock, reserved FROM products"
 psql_q "$PAYMENT_DATABASE_URL" "SELECT order_id, status, amount_cents FROM payments ORDER BY created_at"
 
+section "Notifications: the order events, relayed to the stream events.order and consumed by the notification service"
+ids="'$(order_of "$ok")','$(order_of "$declined")'"
+sent() { psql "$NOTIFICATION_DATABASE_URL" -X -At -c "SELECT count(*) FROM notifications WHERE order_id IN ($ids)"; }
+notified() { [ "$(sent)" -ge 2 ]; }
+wait_until 60 "both customers notified" notified ||
+  die "the notifications did not arrive within 60s; see $dir/logs/notification.log and $KUBECTL get outboxrelays -n $namespace"
+psql_q "$NOTIFICATION_DATABASE_URL" \
+  "SELECT order_id, channel, recipient, subject FROM notifications WHERE order_id IN ($ids) ORDER BY sent_at"
+"$KUBECTL" get outboxrelays -n "$namespace"
+
 cat <<TEXT
 
 The order paid with tok_visa went create-order → reserve-stock → authorize-payment → capture-payment (the pivot)
 → confirm-stock → approve-order: APPROVED, 2 units gone from stock, payment CAPTURED. The one paid with
 tok_decline failed at authorize-payment (HTTP 422 from the gateway), so the operator compensated in reverse:
 the stock reservation was cancelled and the order CANCELLED; stock is back and the payment stays DECLINED.
+Each change committed an outbox row with it; the operator's OutboxRelays moved the rows to Redis Streams
+(events.order, events.inventory, events.payment) and the notification service, a consumer group on events.order,
+e-mailed the customer once per outcome: "confirmed" for the first order, "cancelled" for the second.
 
 Everything is still running (logs in $dir/logs). Try: $KUBECTL describe saga -n $namespace $declined_saga
 Stop it all with: make demo-down
