@@ -11,6 +11,7 @@ pub mod crd;
 pub mod error;
 pub mod fault;
 pub mod metrics;
+pub mod recorder;
 pub mod relay;
 pub mod run;
 pub mod saga;

@@ -10,6 +10,7 @@ use super::store::Stats;
 use crate::{
     conditions::{self, Status},
     crd::OutboxRelayStatus,
+    recorder::Notice,
 };
 
 /// Condition types of a relay.
@@ -69,17 +70,6 @@ pub struct Observation {
     pub last_error: Option<String>,
 }
 
-/// An Event to publish about a transition.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Note {
-    /// Warning or Normal.
-    pub warning: bool,
-    /// Event reason.
-    pub reason: &'static str,
-    /// Event message.
-    pub message: String,
-}
-
 /// The status after `observation`, and the Events of the condition changes.
 pub fn next(
     before: &OutboxRelayStatus,
@@ -87,7 +77,7 @@ pub fn next(
     stale_after: Duration,
     observation: &Observation,
     now: &Time,
-) -> (OutboxRelayStatus, Vec<Note>) {
+) -> (OutboxRelayStatus, Vec<Notice>) {
     let mut status = before.clone();
     status.observed_generation = generation;
     let mut notes = Vec::new();
@@ -100,11 +90,14 @@ pub fn next(
     let was_ready = conditions::get(&before.conditions, types::READY).map(|c| (c.status.clone(), c.reason.clone()));
     match &observation.connection {
         Connection::Down(reason, message) if was_ready.as_ref().is_none_or(|(_, r)| r != reason) => {
-            notes.push(Note { warning: true, reason, message: message.clone() })
+            notes.push(Notice { warning: true, reason, action: None, message: message.clone() })
         }
-        Connection::Up if was_ready.as_ref().is_none_or(|(s, _)| s != "True") => {
-            notes.push(Note { warning: false, reason: reasons::RELAYING, message: ready_message.clone() })
-        }
+        Connection::Up if was_ready.as_ref().is_none_or(|(s, _)| s != "True") => notes.push(Notice {
+            warning: false,
+            reason: reasons::RELAYING,
+            action: None,
+            message: ready_message.clone(),
+        }),
         _ => {}
     }
     conditions::set(&mut status.conditions, types::READY, ready, ready_reason, ready_message, generation, now);
@@ -130,11 +123,17 @@ pub fn next(
             (Status::False, reasons::AS_EXPECTED, "no row waits longer than stalePendingAfter".to_owned())
         };
         if stale && !was_stale {
-            notes.push(Note { warning: true, reason: reasons::STALE_PENDING, message: message.clone() });
+            notes.push(Notice {
+                warning: true,
+                reason: reasons::STALE_PENDING,
+                action: None,
+                message: message.clone(),
+            });
         } else if !stale && was_stale {
-            notes.push(Note {
+            notes.push(Notice {
                 warning: false,
                 reason: reasons::AS_EXPECTED,
+                action: None,
                 message: "the stale rows were published".into(),
             });
         }
@@ -267,7 +266,12 @@ mod tests {
         assert_eq!(condition(&status, types::READY), ("False", reasons::REDIS_UNAVAILABLE));
         assert_eq!(
             notes,
-            [Note { warning: true, reason: reasons::REDIS_UNAVAILABLE, message: "cannot reach Redis".into() }]
+            [Notice {
+                warning: true,
+                reason: reasons::REDIS_UNAVAILABLE,
+                action: None,
+                message: "cannot reach Redis".into()
+            }]
         );
         assert_eq!(status.pending, Some(3), "counts survive an observation without them");
         assert_eq!(status.last_error.as_deref(), Some("connection refused"));

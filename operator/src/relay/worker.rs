@@ -11,7 +11,7 @@ use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder},
+    runtime::events::Recorder,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::json;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{
-    health::{self, Connection, Note, Observation, reasons},
+    health::{self, Connection, Observation, reasons},
     publish::{self, Outcome},
     settings::Settings,
     store::{Failure, Stats, Store},
@@ -28,6 +28,7 @@ use super::{
 use crate::{
     crd::{OutboxRelay, OutboxRelayStatus, SecretKeyRef},
     metrics,
+    recorder::{self, Notice},
 };
 
 /// Field manager of the relay's status writes.
@@ -389,7 +390,7 @@ impl Worker {
             described.join("; ")
         );
         tracing::error!(relay = %self.label, rows = moved, "{message}");
-        self.publish_notes(vec![Note { warning: true, reason: reasons::DEAD_LETTERED, message }]);
+        self.publish_notes(vec![Notice { warning: true, reason: reasons::DEAD_LETTERED, action: None, message }]);
         Ok(())
     }
 
@@ -449,28 +450,8 @@ impl Worker {
         }
     }
 
-    /// Publishes Events without holding up the relay.
-    fn publish_notes(&self, notes: Vec<Note>) {
-        if notes.is_empty() {
-            return;
-        }
-        let recorder = self.shared.recorder.clone();
-        let reference = self.relay.object_ref(&());
-        tokio::spawn(async move {
-            for note in notes {
-                let event = Event {
-                    type_: if note.warning { EventType::Warning } else { EventType::Normal },
-                    reason: note.reason.to_owned(),
-                    note: Some(note.message.chars().take(1000).collect()),
-                    action: note.reason.to_owned(),
-                    secondary: None,
-                };
-                match recorder.publish(&event, &reference).await {
-                    Ok(()) => metrics::api_write("event"),
-                    Err(err) => tracing::warn!(error = %err, reason = note.reason, "cannot publish event"),
-                }
-            }
-        });
+    fn publish_notes(&self, notices: Vec<Notice>) {
+        recorder::publish(&self.shared.recorder, self.relay.object_ref(&()), notices);
     }
 }
 

@@ -15,10 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::{
-        controller::Action,
-        events::{Event, EventType, Recorder},
-    },
+    runtime::{controller::Action, events::Recorder},
 };
 use serde_json::json;
 use tracing::{Instrument, field, info_span};
@@ -32,6 +29,7 @@ use crate::{
     crd::{Saga, SagaPhase, SagaStatus},
     error::Error,
     metrics,
+    recorder::{self, Notice},
 };
 
 /// The finalizer that holds a deleted saga until its completed steps are compensated.
@@ -324,34 +322,20 @@ impl Reconciler<'_> {
         }
     }
 
-    /// Publishes events without holding up the saga: an event that cannot be written is logged and dropped.
+    /// Publishes the notes that pass the Normal-events setting.
     fn publish(&self, saga: &Saga, notes: Vec<Note>) {
-        let notes: Vec<Note> = notes.into_iter().filter(|n| n.warning || self.ctx.normal_events).collect();
-        if notes.is_empty() {
-            return;
-        }
-        let recorder = self.ctx.recorder.clone();
-        let reference = saga.object_ref(&());
-        tokio::spawn(async move {
-            for note in notes {
-                let event = Event {
-                    type_: if note.warning { EventType::Warning } else { EventType::Normal },
-                    reason: note.reason.to_owned(),
-                    note: Some(note.message.chars().take(1000).collect()),
-                    // The recorder merges events with equal reason and action into one series; naming the step
-                    // keeps each step's transitions visible.
-                    action: match &note.step {
-                        Some(step) => format!("{}/{step}", note.reason).chars().take(128).collect(),
-                        None => note.reason.to_owned(),
-                    },
-                    secondary: None,
-                };
-                match recorder.publish(&event, &reference).await {
-                    Ok(()) => metrics::api_write("event"),
-                    Err(err) => tracing::warn!(error = %err, reason = note.reason, "cannot publish event"),
-                }
-            }
-        });
+        let notices = notes
+            .into_iter()
+            .filter(|n| n.warning || self.ctx.normal_events)
+            .map(|note| Notice {
+                warning: note.warning,
+                reason: note.reason,
+                // Naming the step keeps each step's transitions a series of their own.
+                action: note.step.map(|step| format!("{}/{step}", note.reason)),
+                message: note.message,
+            })
+            .collect();
+        recorder::publish(&self.ctx.recorder, saga.object_ref(&()), notices);
     }
 }
 
