@@ -33,6 +33,26 @@ async fn example_saga_applies_with_kubectl_and_reads_back_through_kube_rs() {
 }
 
 #[tokio::test]
+async fn every_kubesaga_example_is_accepted_by_the_api_server() {
+    let ns = setup("crd-examples").await;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&examples).expect("examples/") {
+        let path = entry.expect("entry").path();
+        let manifest = std::fs::read_to_string(&path).expect("read example");
+        if !manifest.contains("apiVersion: kubesaga.dev/") {
+            continue;
+        }
+        let (ok, stderr) = kubectl_apply(&ns.name, &manifest);
+        assert!(ok, "kubectl apply of {} failed: {stderr}", path.display());
+        checked.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    checked.sort();
+    assert_eq!(checked, ["outbox-relay.yaml", "saga-hello.yaml", "saga-in-cluster.yaml"]);
+    ns.delete().await;
+}
+
+#[tokio::test]
 async fn api_server_rejects_a_saga_that_breaks_the_schema_and_names_the_field() {
     let ns = setup("crd-invalid").await;
     let cases = [
