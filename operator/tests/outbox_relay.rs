@@ -281,3 +281,36 @@ async fn a_relay_follows_its_resource_missing_secrets_spec_changes_and_deletion(
         .await;
     fx.finish().await;
 }
+
+#[tokio::test]
+async fn only_the_leader_relays_and_a_standby_takes_over_when_it_dies() {
+    let fx = Fixture::new("relay-leader", &kubesaga_testkit::redis_url()).await;
+    let mut first = fx.operator(&[]);
+    eventually(Duration::from_secs(30), "the first operator leads", || async {
+        first.log().contains("became the leader")
+    })
+    .await;
+    let second = fx.operator(&[]);
+    fx.create_relay("orders", json!({})).await;
+    let before = fx.insert("order", "a", "OrderCreated").await;
+    assert_eq!(fx.wait_for_entries("order", 1).await[0].event_id, before.to_string());
+    eventually(Duration::from_secs(10), "the standby waiting for the Lease", || async {
+        second.log().contains("waiting to become the leader")
+    })
+    .await;
+    assert!(first.log().contains("starting the relay"));
+    assert!(!second.log().contains("starting the relay"), "a standby runs no relay:\n{}", second.log());
+
+    first.kill();
+    eventually(Duration::from_secs(30), "the standby takes over", || async {
+        second.log().contains("starting the relay")
+    })
+    .await;
+    let after = fx.insert("order", "a", "OrderApproved").await;
+    let entries = fx.wait_for_entries("order", 2).await;
+    assert_eq!(
+        entries.iter().map(|e| e.event_id.clone()).collect::<Vec<_>>(),
+        [before, after].map(|id| id.to_string())
+    );
+    fx.finish().await;
+}
