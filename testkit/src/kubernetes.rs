@@ -12,7 +12,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams},
     runtime::{conditions, wait::await_condition},
 };
 
@@ -121,9 +121,24 @@ impl TestNamespace {
             eprintln!("keeping namespace {}", self.name);
             return;
         }
-        Api::<Namespace>::all(self.client)
+        Api::<Namespace>::all(self.client.clone())
             .delete(&self.name, &DeleteParams::background())
             .await
             .expect("delete test namespace");
+        self.release_sagas().await;
+    }
+
+    /// Removes the operator's finalizer from the namespace's sagas. The test's operator is gone by now or about to
+    /// be, and a saga keeping its finalizer would keep the namespace Terminating for good, piling up work for the
+    /// API server across runs.
+    async fn release_sagas(&self) {
+        let gvk = GroupVersionKind::gvk("kubesaga.dev", "v1alpha1", "Saga");
+        let sagas: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.name, &ApiResource::from_gvk_with_plural(&gvk, "sagas"));
+        let Ok(list) = sagas.list(&ListParams::default()).await else { return };
+        let patch = Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
+        for saga in list.items.iter().filter(|s| !s.finalizers().is_empty()) {
+            let _ = sagas.patch(&saga.name_any(), &PatchParams::default(), &patch).await;
+        }
     }
 }
