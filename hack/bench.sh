@@ -2,9 +2,10 @@
 # `make bench`: builds release binaries, brings up (or reuses) the local control plane, Redis and Postgres, and
 # runs the benchmarks; what it started it stops. Results go to stdout; BENCHMARKS.md records them with their method.
 #
-#   hack/bench.sh                      both benchmarks
+#   hack/bench.sh                      every benchmark
 #   hack/bench.sh saga [--sagas N]     the Saga controller only
 #   hack/bench.sh services [...]       the services' write path only
+#   hack/bench.sh relay [...]          the outbox relay only (throughput and commit -> stream latency)
 set -euo pipefail
 # shellcheck source=hack/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -21,6 +22,7 @@ all)
   log "again with Warning events only (every transition's Normal event is an API write too)"
   target/release/kubesaga-bench saga --normal-events false
   target/release/kubesaga-bench services
+  target/release/kubesaga-bench relay
   ;;
 *) target/release/kubesaga-bench "$@" ;;
 esac

@@ -1,6 +1,7 @@
 //! `make bench`: throughput and latency of the Saga controller on the local control plane, next to the raw
 //! status-patch rate of the same API server, so the result can be read against the physical limit (`saga`);
-//! and the cost of the services' idempotent write path against a bare handler (`services`, see [`services`]).
+//! the cost of the services' idempotent write path against a bare handler (`services`, see [`services`]); and the
+//! outbox relay's throughput and commit → stream latency (`relay`, see [`relay`]).
 //!
 //! Saga method: a no-op step target answers every call with `200 {}`; the release operator runs as its own process
 //! watching one namespace; the bench creates N three-step sagas (32 creates in flight) and watches them, timing
@@ -28,6 +29,7 @@ use kubesaga_testkit::{OperatorProcess, StepTarget, TestNamespace, install_crds}
 use serde_json::json;
 use tokio::sync::Mutex;
 
+mod relay;
 mod services;
 
 /// kubesaga benchmarks.
@@ -43,6 +45,8 @@ enum Command {
     Saga(Args),
     /// The services' idempotent write and replay paths against a bare handler, loaded with wrk.
     Services(services::Args),
+    /// The outbox relay: throughput at several batch sizes, commit → stream latency with LISTEN/NOTIFY and polling.
+    Relay(relay::Args),
 }
 
 /// Saga controller benchmark.
@@ -76,6 +80,7 @@ async fn main() {
     match Cli::parse().command {
         Command::Saga(args) => saga_bench(args).await,
         Command::Services(args) => services::run(args).await,
+        Command::Relay(args) => relay::run(args).await,
     }
 }
 
