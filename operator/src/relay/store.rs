@@ -78,19 +78,29 @@ impl Store {
         let dl = &settings.dead_letter_table;
         Self {
             pool,
-            // A row waits while its aggregate has an earlier unpublished row (PENDING, in backoff, or claimed by any
-            // relay): that is what keeps per-aggregate order with several relays on one table. `SKIP LOCKED` lets
-            // concurrent claims pass each other instead of queueing.
+            // The window is the oldest due PENDING rows this relay can lock (`SKIP LOCKED` lets concurrent claims
+            // pass each other instead of queueing). A window row is claimed unless its aggregate has an earlier
+            // unpublished row outside the window (PENDING in backoff, or claimed by any relay, or locked by a
+            // concurrent claim): that is what keeps per-aggregate order with several relays on one table. Rows of one
+            // aggregate inside the window are claimed together and published in seq order. Each aggregate's first
+            // unpublished row outside the window is found with one ordered index probe that steps over the window's
+            // rows, so a claim costs about the window, however many rows wait behind it.
             claim: format!(
-                "WITH due AS ( \
-                     SELECT o.id FROM {t} o \
+                "WITH win AS MATERIALIZED ( \
+                     SELECT o.id, o.seq, o.aggregate_type, o.aggregate_id FROM {t} o \
                      WHERE o.status = 'PENDING' AND o.next_attempt_at <= now() \
-                       AND NOT EXISTS ( \
-                           SELECT 1 FROM {t} e \
-                           WHERE e.aggregate_type = o.aggregate_type AND e.aggregate_id = o.aggregate_id \
-                             AND e.seq < o.seq AND e.status <> 'PUBLISHED') \
                      ORDER BY o.seq LIMIT $1 \
-                     FOR UPDATE SKIP LOCKED) \
+                     FOR UPDATE SKIP LOCKED), \
+                 blockers AS ( \
+                     SELECT a.aggregate_type, a.aggregate_id, \
+                            (SELECT min(e.seq) FROM {t} e \
+                              WHERE e.aggregate_type = a.aggregate_type AND e.aggregate_id = a.aggregate_id \
+                                AND e.status <> 'PUBLISHED' \
+                                AND NOT EXISTS (SELECT 1 FROM win w WHERE w.id = e.id)) AS first_outside \
+                     FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM win) a), \
+                 due AS ( \
+                     SELECT w.id FROM win w JOIN blockers b USING (aggregate_type, aggregate_id) \
+                     WHERE b.first_outside IS NULL OR w.seq < b.first_outside) \
                  UPDATE {t} AS r SET status = 'PROCESSING', claimed_by = $2, claimed_at = now() \
                  FROM due WHERE r.id = due.id \
                  RETURNING r.id, r.seq, r.aggregate_type, r.aggregate_id, r.event_type, r.payload::text AS payload, \
@@ -141,9 +151,13 @@ impl Store {
         }
     }
 
-    /// Claims up to `limit` due rows for the batch `claim`, oldest first.
+    /// Claims up to `limit` due rows for the batch `claim`, in seq order (the order they must be published in).
     pub async fn claim(&self, limit: i64, claim: &str) -> Result<Vec<ClaimedRow>, sqlx::Error> {
-        sqlx::query_as(AssertSqlSafe(self.claim.as_str())).bind(limit).bind(claim).fetch_all(&self.pool).await
+        let mut rows: Vec<ClaimedRow> =
+            sqlx::query_as(AssertSqlSafe(self.claim.as_str())).bind(limit).bind(claim).fetch_all(&self.pool).await?;
+        // UPDATE ... RETURNING promises no order.
+        rows.sort_unstable_by_key(|r| r.seq);
+        Ok(rows)
     }
 
     /// Marks rows PUBLISHED where `claim` still holds them; returns how many.

@@ -23,7 +23,7 @@ use super::{
     health::{self, Connection, Observation, reasons},
     publish::{self, Outcome},
     settings::Settings,
-    store::{Failure, Stats, Store},
+    store::{ClaimedRow, Failure, Stats, Store},
 };
 use crate::{
     crd::{OutboxRelay, OutboxRelayStatus, SecretKeyRef},
@@ -338,6 +338,7 @@ impl Worker {
                 }
             }
         }
+        warn_if_reordered(&self.label, &rows, &outcomes);
         let ids: Vec<Uuid> = published.iter().map(|r| r.id).collect();
         let marked = stores.store.mark_published(&ids, &claim).await.map_err(|e| database_down_reason(&e))?;
         if marked < ids.len() as u64 {
@@ -361,7 +362,7 @@ impl Worker {
     async fn failed(
         &mut self,
         stores: &Stores,
-        rows: &[super::store::ClaimedRow],
+        rows: &[ClaimedRow],
         failures: &[Failure],
         claim: &str,
     ) -> Result<(), Down> {
@@ -452,6 +453,27 @@ impl Worker {
 
     fn publish_notes(&self, notices: Vec<Notice>) {
         recorder::publish(&self.shared.recorder, self.relay.object_ref(&()), notices);
+    }
+}
+
+/// Rows of one aggregate go to one stream, so Redis accepts or refuses them alike; should it refuse one and accept a
+/// later one of the same aggregate in the same batch, that later event is out ahead of the refused one. Say so.
+fn warn_if_reordered(relay: &str, rows: &[ClaimedRow], outcomes: &[(Uuid, Outcome)]) {
+    let mut refused: Vec<(&str, &str)> = Vec::new();
+    for (row, (_, outcome)) in rows.iter().zip(outcomes) {
+        let aggregate = (row.aggregate_type.as_str(), row.aggregate_id.as_str());
+        match outcome {
+            Outcome::Rejected(_) => refused.push(aggregate),
+            Outcome::Published(_) if refused.contains(&aggregate) => {
+                tracing::warn!(
+                    relay,
+                    event = %row.id,
+                    aggregate = %format!("{}/{}", aggregate.0, aggregate.1),
+                    "Redis refused an earlier event of this aggregate and accepted this one: they are out of order"
+                );
+            }
+            Outcome::Published(_) => {}
+        }
     }
 }
 

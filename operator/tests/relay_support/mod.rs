@@ -166,6 +166,21 @@ impl Fixture {
         tx.rollback().await.expect("rollback");
     }
 
+    /// Commits `aggregates × events` rows of aggregate type `order` in one statement, each aggregate's events
+    /// consecutive in seq (`agg-0` first).
+    pub async fn insert_backlog(&self, aggregates: i64, events: i64) {
+        sqlx::query(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+             SELECT gen_random_uuid(), 'order', 'agg-' || a, 'OrderChanged', jsonb_build_object('n', n) \
+             FROM generate_series(0, $1 - 1) a, generate_series(1, $2) n ORDER BY a, n",
+        )
+        .bind(aggregates)
+        .bind(events)
+        .execute(&self.pool)
+        .await
+        .expect("insert backlog");
+    }
+
     /// A row committed ten minutes ago whose next attempt is an hour away.
     pub async fn insert_backdated(&self, aggregate_type: &str, aggregate_id: &str) -> Uuid {
         let id = Uuid::new_v4();
