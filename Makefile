@@ -16,7 +16,7 @@ demo-down: ## Stop everything the demo started
 test: ## Run every test against a real local control plane, Redis and Postgres (set up and torn down as needed)
 	hack/test.sh
 
-bench: ## Benchmark the Saga controller on the local control plane (release build; see BENCHMARKS.md)
+bench: ## Benchmarks: the Saga controller, the services' write path, the outbox relay (release build; see BENCHMARKS.md)
 	hack/bench.sh
 
 crds: ## Regenerate crds/*.yaml from the Rust types, and the chart's copies of them and of the k6 scripts
