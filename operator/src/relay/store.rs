@@ -84,14 +84,15 @@ impl Store {
             // concurrent claim): that is what keeps per-aggregate order with several relays on one table. Rows of one
             // aggregate inside the window are claimed together and published in seq order. Each aggregate's first
             // unpublished row outside the window is found with one ordered index probe that steps over the window's
-            // rows, so a claim costs about the window, however many rows wait behind it.
+            // rows (materialized, so once per aggregate rather than once per row), so a claim costs about the window,
+            // however many rows wait behind it.
             claim: format!(
                 "WITH win AS MATERIALIZED ( \
                      SELECT o.id, o.seq, o.aggregate_type, o.aggregate_id FROM {t} o \
                      WHERE o.status = 'PENDING' AND o.next_attempt_at <= now() \
                      ORDER BY o.seq LIMIT $1 \
                      FOR UPDATE SKIP LOCKED), \
-                 blockers AS ( \
+                 blockers AS MATERIALIZED ( \
                      SELECT a.aggregate_type, a.aggregate_id, \
                             (SELECT min(e.seq) FROM {t} e \
                               WHERE e.aggregate_type = a.aggregate_type AND e.aggregate_id = a.aggregate_id \
