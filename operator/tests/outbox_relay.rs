@@ -163,12 +163,12 @@ async fn a_row_redis_rejects_is_dead_lettered_after_max_attempts_with_an_event_a
 async fn two_relays_on_one_table_keep_per_aggregate_order_and_publish_each_row_once() {
     let fx = Fixture::new("relay-pair", &kubesaga_testkit::redis_url()).await;
     let operator = fx.operator(&[]);
-    // A backlog both relays start on: 100 aggregates of 100 events each, every aggregate's events one run of seq,
-    // so a relay's batch of 25 is one aggregate's next events and the other relay's batch is often another's.
-    const AGGREGATES: i64 = 100;
-    const EVENTS: i64 = 100;
-    const TOTAL: i64 = AGGREGATES * EVENTS;
-    fx.insert_backlog(AGGREGATES, EVENTS).await;
+    // A backlog both relays start on: 1,000 aggregates with 10 events each, round robin, so concurrent batches
+    // hold different aggregates and both relays get work; then one hot aggregate with 500 consecutive events, whose
+    // batches are all one aggregate's and must still go out in order.
+    const TOTAL: i64 = 1000 * 10 + 500;
+    fx.insert_backlog("agg", 1000, 10, true).await;
+    fx.insert_backlog("hot", 1, 500, false).await;
     fx.create_relay("first", json!({"batchSize": 25})).await;
     fx.create_relay("second", json!({"batchSize": 25})).await;
 

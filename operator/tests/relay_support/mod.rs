@@ -166,19 +166,22 @@ impl Fixture {
         tx.rollback().await.expect("rollback");
     }
 
-    /// Commits `aggregates × events` rows of aggregate type `order` in one statement, each aggregate's events
-    /// consecutive in seq (`agg-0` first).
-    pub async fn insert_backlog(&self, aggregates: i64, events: i64) {
-        sqlx::query(
+    /// Commits `aggregates × events` rows of aggregate type `order` (ids `<name>-0`, `<name>-1`, …) in one
+    /// statement: round robin over the aggregates when `interleaved`, else each aggregate's events consecutive.
+    pub async fn insert_backlog(&self, name: &str, aggregates: i64, events: i64, interleaved: bool) {
+        let order = if interleaved { "n, a" } else { "a, n" };
+        let sql = format!(
             "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
-             SELECT gen_random_uuid(), 'order', 'agg-' || a, 'OrderChanged', jsonb_build_object('n', n) \
-             FROM generate_series(0, $1 - 1) a, generate_series(1, $2) n ORDER BY a, n",
-        )
-        .bind(aggregates)
-        .bind(events)
-        .execute(&self.pool)
-        .await
-        .expect("insert backlog");
+             SELECT gen_random_uuid(), 'order', $3 || '-' || a, 'OrderChanged', jsonb_build_object('n', n) \
+             FROM generate_series(0, $1 - 1) a, generate_series(1, $2) n ORDER BY {order}"
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(aggregates)
+            .bind(events)
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .expect("insert backlog");
     }
 
     /// A row committed ten minutes ago whose next attempt is an hour away.
