@@ -263,6 +263,10 @@ trap 'status=$?; cleanup; (exit $status); _env_stop_started' EXIT
 "$KUBECTL" apply --server-side -f crds/ >/dev/null
 namespace="kubesaga-chart-check-$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
 "$KUBECTL" create namespace "$namespace" >/dev/null
+# Pods (the helm test hook) are admitted only once the controller manager has given the namespace its default
+# ServiceAccount; on a control plane that just started that takes a moment.
+wait_until 60 "the default ServiceAccount of $namespace" "$KUBECTL" get serviceaccount default -n "$namespace" ||
+  die "namespace $namespace got no default ServiceAccount within 60s; is kube-controller-manager running?"
 
 # kinds keep|drop KIND...: the manifests on stdin with only (keep) or without (drop) the documents of those kinds.
 kinds() {
