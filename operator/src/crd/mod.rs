@@ -18,7 +18,30 @@ pub const GROUP: &str = "kubesaga.dev";
 
 /// Every CustomResourceDefinition the operator needs, in the order they are written to `crds/`.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
-    vec![("sagas", Saga::crd()), ("outboxrelays", OutboxRelay::crd())]
+    vec![
+        ("sagas", without_unsigned_formats(Saga::crd())),
+        ("outboxrelays", without_unsigned_formats(OutboxRelay::crd())),
+    ]
+}
+
+/// schemars marks unsigned integers `format: uint32` (or `uint16`, …), which the API server does not know and warns
+/// about on every apply. Every such field here carries its own `minimum`, so the format adds nothing: drop it.
+fn without_unsigned_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("format").and_then(|f| f.as_str()).is_some_and(|f| f.starts_with("uint")) {
+                    map.remove("format");
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else { return crd };
+    strip(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// Renders one CRD as the YAML document committed under `crds/<name>.yaml`.
@@ -46,6 +69,8 @@ mod tests {
             );
             // merge_crds refuses a set of versions that disagree on names or scope.
             merge_crds(vec![crd.clone()], &storage.name).expect("consistent CRD");
+            let text = serde_json::to_string(&crd).expect("json");
+            assert!(!text.contains("\"format\":\"uint"), "{name}: the API server warns about unsigned formats");
         }
     }
 }
