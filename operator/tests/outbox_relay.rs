@@ -307,3 +307,32 @@ async fn only_the_leader_relays_and_a_standby_takes_over_when_it_dies() {
     );
     fx.finish().await;
 }
+
+#[tokio::test]
+async fn a_rotated_secret_moves_the_relay_to_the_new_redis_without_a_restart() {
+    let fx = Fixture::new("relay-rotate", &kubesaga_testkit::redis_url()).await;
+    let operator = fx.operator(&[]);
+    fx.create_relay("orders", json!({})).await;
+    let before = fx.insert("order", "a", "OrderCreated").await;
+    assert_eq!(fx.wait_for_entries("order", 1).await[0].event_id, before.to_string());
+
+    let moved_to = RedisServer::start().await;
+    fx.update_secret("redis", &moved_to.url).await;
+    eventually(Duration::from_secs(60), "the relay noticing the new URL", || async {
+        operator.log().contains("a Secret's URL changed")
+    })
+    .await;
+    let after = fx.insert("order", "a", "OrderApproved").await;
+    let mut redis =
+        redis::Client::open(moved_to.url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let stream = format!("{}order", fx.prefix);
+    eventually(Duration::from_secs(60), "the event on the new Redis", || {
+        let mut redis = redis.clone();
+        let stream = stream.clone();
+        async move { redis::AsyncCommands::xlen::<_, usize>(&mut redis, &stream).await.unwrap_or(0) == 1 }
+    })
+    .await;
+    assert_eq!(fx.entries("order").await.len(), 1, "{after} went to the new Redis only");
+    let _: () = redis::AsyncCommands::del(&mut redis, &stream).await.unwrap();
+    fx.finish().await;
+}

@@ -35,6 +35,8 @@ use crate::{
 const FIELD_MANAGER: &str = "kubesaga-operator/outbox-relay";
 /// How often counts are read and the status considered for a write.
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// How often the Secrets are read again, so that rotated URLs are picked up without a restart.
+const SECRETS_EVERY: Duration = Duration::from_secs(10);
 /// Longest wait between two connection attempts or after a failed round.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
 /// PUBLISHED rows deleted per statement, so retention never holds long locks.
@@ -79,6 +81,8 @@ struct Stores {
     redis: ConnectionManager,
     listener: Option<PgListener>,
     pool: PgPool,
+    /// The URLs connected to, to notice a rotated Secret.
+    urls: (String, String),
 }
 
 /// Why the worker is not relaying: a reason of [`reasons`] and what to fix.
@@ -165,7 +169,13 @@ impl Worker {
             .set_max_delay(Duration::from_secs(2));
         let redis = ConnectionManager::new_with_config(client, config).await.map_err(redis_down)?;
         let listener = if self.settings.listen_notify { self.listen(&pool).await } else { None };
-        Ok(Stores { store: Store::new(pool.clone(), &self.settings), redis, listener, pool })
+        Ok(Stores {
+            store: Store::new(pool.clone(), &self.settings),
+            redis,
+            listener,
+            pool,
+            urls: (database_url, redis_url),
+        })
     }
 
     /// LISTENs on the trigger's channel; without it the relay still works by polling, so a failure only logs.
@@ -226,15 +236,24 @@ impl Worker {
         }
     }
 
-    /// Relays until cancelled. Failed rounds are reported and retried after a growing wait.
+    /// Relays until cancelled or until a Secret's URL changes (the caller connects again). Failed rounds are
+    /// reported and retried after a growing wait.
     async fn relay(&mut self, mut stores: Stores, cancel: &CancellationToken) {
         tracing::info!(relay = %self.label, table = %self.relay.spec.table, "relaying");
+        let mut next_secrets = Instant::now() + SECRETS_EVERY;
         let mut next_housekeeping = Instant::now();
         let mut next_purge = Instant::now();
         let mut wait = Duration::from_secs(1);
         let mut connection = Connection::Up;
         let mut stats = None;
         loop {
+            if Instant::now() >= next_secrets {
+                next_secrets = Instant::now() + SECRETS_EVERY;
+                if self.secrets_changed(&stores.urls).await {
+                    tracing::info!(relay = %self.label, "a Secret's URL changed; connecting again");
+                    return;
+                }
+            }
             if Instant::now() >= next_housekeeping {
                 match self.housekeeping(&stores.store, Instant::now() >= next_purge).await {
                     Ok(fresh) => {
@@ -280,6 +299,14 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Whether the Secrets now hold other URLs than `urls`; a Secret that cannot be read keeps the connection.
+    async fn secrets_changed(&self, urls: &(String, String)) -> bool {
+        let spec = &self.relay.spec;
+        let database = self.secret(&spec.database.secret_key_ref).await;
+        let redis = self.secret(&spec.destination.redis.secret_key_ref).await;
+        database.is_ok_and(|url| url != urls.0) || redis.is_ok_and(|url| url != urls.1)
     }
 
     /// Zombie recovery, retention when due, and fresh counts.

@@ -103,6 +103,12 @@ impl Fixture {
         self.ns.api::<Secret>().create(&PostParams::default(), &secret).await.expect("create secret");
     }
 
+    /// Points Secret `name` at another URL, as rotating credentials would.
+    pub async fn update_secret(&self, name: &str, url: &str) {
+        let patch = Patch::Merge(json!({"stringData": {"url": url}}));
+        self.ns.api::<Secret>().patch(name, &PatchParams::default(), &patch).await.expect("update secret");
+    }
+
     pub fn relays(&self) -> Api<OutboxRelay> {
         self.ns.api()
     }
