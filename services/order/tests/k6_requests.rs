@@ -11,20 +11,13 @@ use axum::{
     http::{Request, StatusCode},
 };
 use kube::Api;
-use kubesaga_kit::{
-    http::{self, Limits, Readiness},
-    stores,
-};
 use kubesaga_operator::crd::{InputValue, Saga};
-use kubesaga_order::{
-    MIGRATOR,
-    api::{self, ApiDoc, AppState},
-    checkout::{self, Endpoints, SagaStarter},
-};
-use kubesaga_testkit::{TestDatabase, TestNamespace, client, install_crds, redis_url, unique_suffix};
+use kubesaga_order::api::ApiDoc;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use utoipa::OpenApi;
+
+mod common;
 
 /// The shared request shapes; a change there that the service does not accept fails this test.
 const REQUESTS: &str = include_str!("../../../k6/requests/checkout.json");
@@ -79,24 +72,8 @@ async fn the_load_test_checkout_is_accepted_and_its_order_polled_where_the_scrip
     let checkout = &requests["checkout"];
     let order = &requests["order"];
 
-    let database = TestDatabase::create("order_k6").await;
-    let db = database.pool().await;
-    stores::migrate_with_outbox(&db, &MIGRATOR).await.expect("migrate");
-    let redis = stores::redis(&redis_url()).await.expect("redis");
-    let kube = client().await;
-    let crds: Vec<_> = kubesaga_operator::crd::all().into_iter().map(|(_, crd)| crd).collect();
-    install_crds(&kube, &crds).await;
-    let ns = TestNamespace::create(&kube, "order-k6").await;
-    let endpoints = Endpoints {
-        order: "http://order".into(),
-        inventory: "http://inventory".into(),
-        payment: "http://payment".into(),
-    };
-    let template = checkout::load_template(checkout::DEFAULT_TEMPLATE, &endpoints).expect("template");
-    let state = AppState { db: db.clone(), sagas: SagaStarter::new(kube, &ns.name, template) };
-    let readiness = Readiness { redis: Some(redis.clone()), postgres: Some(db.clone()) };
-    let app = http::app("order", api::routes(state, redis), readiness, json!({}), &Limits::default());
-    let run = unique_suffix();
+    let service = common::service("order-k6").await;
+    let (app, run, ns) = (&service.app, &service.run, &service.ns);
 
     // The paths and methods the scripts use are the service's (placeholder names aside: {orderId} is {id}).
     let openapi = serde_json::to_value(ApiDoc::openapi()).unwrap();
@@ -124,12 +101,12 @@ async fn the_load_test_checkout_is_accepted_and_its_order_polled_where_the_scrip
     for (i, body) in [&good, &declined].into_iter().enumerate() {
         let headers = headers_with_key(&checkout["headers"], &format!("k6-test-{run}-{i}"));
         let (status, accepted) =
-            send(&app, text(checkout, "/method"), text(checkout, "/path"), Some(&headers), Some(body)).await;
+            send(app, text(checkout, "/method"), text(checkout, "/path"), Some(&headers), Some(body)).await;
         assert_eq!(u64::from(status.as_u16()), checkout["expectedStatus"].as_u64().unwrap(), "{accepted}");
         let order_id = accepted["orderId"].as_str().expect("the answer has the orderId the scripts read").to_owned();
 
         let path = text(order, "/path").replace("{orderId}", &order_id);
-        let (status, found) = send(&app, text(order, "/method"), &path, None, None).await;
+        let (status, found) = send(app, text(order, "/method"), &path, None, None).await;
         assert_eq!(u64::from(status.as_u16()), order["expectedStatus"].as_u64().unwrap(), "{found}");
         assert_eq!(found["status"], pending, "{found}");
         for field in ["customerEmail", "sku", "quantity", "amountCents", "currency"] {
@@ -147,15 +124,13 @@ async fn the_load_test_checkout_is_accepted_and_its_order_polled_where_the_scrip
     // The saga ends an order by approving or cancelling it: the statuses the scripts wait for.
     for (order_id, step) in order_ids.iter().zip(["approve", "cancel"]) {
         let key = headers_with_key(&json!({"Idempotency-Key": "{idempotencyKey}"}), &format!("k6-{step}-{run}"));
-        let (status, ended) = send(&app, "POST", &format!("/orders/{order_id}/{step}"), Some(&key), None).await;
+        let (status, ended) = send(app, "POST", &format!("/orders/{order_id}/{step}"), Some(&key), None).await;
         assert_eq!(status, StatusCode::OK, "{ended}");
         let path = text(order, "/path").replace("{orderId}", order_id);
-        let (_, found) = send(&app, text(order, "/method"), &path, None, None).await;
+        let (_, found) = send(app, text(order, "/method"), &path, None, None).await;
         let status = found["status"].as_str().unwrap();
         assert!(finals.contains(&status), "{status} after {step} is not one of the final statuses {finals:?}");
     }
 
-    db.close().await;
-    database.drop_database().await;
-    ns.delete().await;
+    service.done().await;
 }

@@ -2,90 +2,19 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test code: a panic is the failure report
 
-use axum::{
-    Router,
-    body::Body,
-    http::{Request, StatusCode},
-};
+use axum::http::StatusCode;
 use kube::Api;
-use kubesaga_kit::{
-    http::{self, Limits, Readiness},
-    stores,
-};
 use kubesaga_operator::crd::{InputValue, Saga};
-use kubesaga_order::{
-    MIGRATOR,
-    api::{self, AppState},
-    checkout::{self, Endpoints, SagaStarter},
-};
-use kubesaga_testkit::{TestDatabase, TestNamespace, client, install_crds, redis_url, unique_suffix};
-use serde_json::{Value, json};
-use sqlx::PgPool;
-use tower::ServiceExt;
 
-struct Service {
-    run: String,
-    app: Router,
-    db: PgPool,
-    database: TestDatabase,
-    ns: TestNamespace,
-}
+mod common;
 
-async fn service() -> Service {
-    let database = TestDatabase::create("order").await;
-    let db = database.pool().await;
-    stores::migrate_with_outbox(&db, &MIGRATOR).await.expect("migrate");
-    let redis = stores::redis(&redis_url()).await.expect("redis");
-    let kube = client().await;
-    let crds: Vec<_> = kubesaga_operator::crd::all().into_iter().map(|(_, crd)| crd).collect();
-    install_crds(&kube, &crds).await;
-    let ns = TestNamespace::create(&kube, "order-api").await;
-    let endpoints = Endpoints {
-        order: "http://order".into(),
-        inventory: "http://inventory".into(),
-        payment: "http://payment".into(),
-    };
-    let template = checkout::load_template(checkout::DEFAULT_TEMPLATE, &endpoints).expect("template");
-    let state = AppState { db: db.clone(), sagas: SagaStarter::new(kube, &ns.name, template) };
-    let readiness = Readiness { redis: Some(redis.clone()), postgres: Some(db.clone()) };
-    let app = http::app("order", api::routes(state, redis), readiness, json!({}), &Limits::default());
-    Service { run: unique_suffix(), app, db, database, ns }
-}
-
-impl Service {
-    /// Calls the service; `key` is made unique per run, since Redis keeps keys for a day.
-    async fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<&str>) -> (StatusCode, Value) {
-        let mut request = Request::builder().method(method).uri(path).header("content-type", "application/json");
-        if let Some(key) = key {
-            request = request.header("idempotency-key", format!("{key}-{}", self.run));
-        }
-        let response = self
-            .app
-            .clone()
-            .oneshot(request.body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned()))).unwrap())
-            .await
-            .unwrap();
-        let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
-    }
-
-    async fn count(&self, sql: &'static str) -> i64 {
-        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.db).await.expect("count")
-    }
-
-    async fn done(self) {
-        self.db.close().await;
-        self.database.drop_database().await;
-        self.ns.delete().await;
-    }
-}
+use common::service;
 
 const CHECKOUT: &str = r#"{"customerEmail":"ada@example.com","sku":"BOOK-1","quantity":2,"amountCents":4200,"currency":"EUR","cardToken":"tok_ok"}"#;
 
 #[tokio::test]
 async fn checkout_records_a_pending_order_and_starts_its_saga_once_per_key() {
-    let service = service().await;
+    let service = service("order-api").await;
     let key = "checkout";
     let (status, accepted) = service.call("POST", "/checkout", Some(key), Some(CHECKOUT)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
@@ -112,7 +41,7 @@ async fn checkout_records_a_pending_order_and_starts_its_saga_once_per_key() {
 
 #[tokio::test]
 async fn saga_steps_create_approve_and_cancel_idempotently() {
-    let service = service().await;
+    let service = service("order-api").await;
     let id = uuid::Uuid::new_v4();
     let body = r#"{"customerEmail":"a@b.c","sku":"A","quantity":1,"amountCents":100,"currency":"EUR"}"#;
     let path = format!("/orders/{id}");
@@ -144,7 +73,7 @@ async fn saga_steps_create_approve_and_cancel_idempotently() {
 
 #[tokio::test]
 async fn bad_input_gets_a_problem_naming_the_field_and_changes_nothing() {
-    let service = service().await;
+    let service = service("order-api").await;
     let cases: &[(&str, Option<&str>, u16, &str)] = &[
         ("{not json", Some("k"), 400, "body"),
         (
