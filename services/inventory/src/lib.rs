@@ -163,37 +163,9 @@ pub fn openapi_json() -> serde_json::Value {
     serde_json::to_value(routes::ApiDoc::openapi()).unwrap_or_default()
 }
 
-/// Parses a duration such as `1500ms`, `90s`, `30m`, `2h`, or bare seconds (`45`).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 30s, 30m or 1h"))?;
-    let per_unit = match unit.trim() {
-        "ms" => Duration::from_millis(1),
-        "" | "s" => Duration::from_secs(1),
-        "m" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        other => return Err(format!("unknown unit {other:?} in {text:?}; use ms, s, m or h")),
-    };
-    per_unit
-        .checked_mul(u32::try_from(value).map_err(|_| format!("{text:?} is too large"))?)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        assert!(parse_duration("").is_err() && parse_duration("5 days").is_err() && parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn the_openapi_document_lists_every_route() {

@@ -4,7 +4,8 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use kubesaga_inventory::{AppState, InventoryError, Settings, SweeperConfig, parse_duration};
+use kubesaga_inventory::{AppState, InventoryError, Settings, SweeperConfig};
+use kubesaga_kit::duration::parse as parse_duration;
 use kubesaga_kit::server::ServeArgs;
 
 /// The inventory service: products, stock and the reservations sagas make.

@@ -6,8 +6,9 @@
 //! - [`idempotency`]: the Idempotency-Key layer backed by Redis;
 //! - [`lock`] and [`semaphore`]: a distributed lock with fencing tokens and a counting semaphore, in Redis;
 //! - [`outbox`]: the transactional outbox writer; [`stores`]: Redis and Postgres connections and migrations;
-//! - [`telemetry`]: logging and tracing set-up.
+//! - [`duration`]: durations in flags; [`telemetry`]: logging and tracing set-up.
 
+pub mod duration;
 pub mod error;
 pub mod http;
 pub mod idempotency;

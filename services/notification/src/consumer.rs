@@ -27,7 +27,7 @@ use metrics::{counter, gauge};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, ConsumerArgs, parse_duration};
+pub use config::{Config, ConsumerArgs};
 pub use group::{DEAD_LETTER_DELIVERIES, DEAD_LETTER_ORIGINAL_ID, DEAD_LETTER_ORIGINAL_STREAM, DEAD_LETTER_REASON};
 use group::{Entry, Group};
 pub use process::EVENTS_TOTAL;

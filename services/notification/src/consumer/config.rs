@@ -29,10 +29,10 @@ pub struct ConsumerArgs {
     pub max_deliveries: u64,
     /// Entries pending longer than this (e.g. `90s`, `5m`, `1m30s`, or seconds) are taken over from the consumer
     /// that read them, which is presumed dead.
-    #[arg(long, env = "NOTIFICATION_CLAIM_MIN_IDLE", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "NOTIFICATION_CLAIM_MIN_IDLE", default_value = "60s", value_parser = kubesaga_kit::duration::parse)]
     pub claim_min_idle: Duration,
     /// Longest a read waits for new entries before the consumer looks for entries to take over.
-    #[arg(long, env = "NOTIFICATION_BLOCK", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "NOTIFICATION_BLOCK", default_value = "5s", value_parser = kubesaga_kit::duration::parse)]
     pub block: Duration,
 }
 
@@ -100,17 +100,6 @@ impl ConsumerArgs {
     }
 }
 
-/// Parses a Kubernetes-style duration (`500ms`, `30s`, `5m`, `1h30m`) or a number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(seconds));
-    }
-    let invalid = || format!("{text:?} is not a duration: write it like 500ms, 30s, 5m or 1h30m, or as seconds");
-    let parsed: jiff::SignedDuration = text.parse().map_err(|_| invalid())?;
-    Duration::try_from(parsed).map_err(|_| invalid())
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -129,26 +118,6 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
-    }
-
-    #[test]
-    fn durations_are_kubernetes_style_or_seconds() {
-        for (text, expected) in [
-            ("60", Duration::from_secs(60)),
-            ("0", Duration::ZERO),
-            ("500ms", Duration::from_millis(500)),
-            ("30s", Duration::from_secs(30)),
-            ("1.5s", Duration::from_millis(1500)),
-            ("5m", Duration::from_secs(300)),
-            ("1h30m", Duration::from_secs(5400)),
-            ("1m30s250ms", Duration::from_millis(90_250)),
-        ] {
-            assert_eq!(parse_duration(text), Ok(expected), "{text}");
-        }
-        for text in ["", "s", "-1s", "-5", "five seconds", "1x"] {
-            let err = parse_duration(text).expect_err(text);
-            assert!(err.contains("500ms, 30s"), "{err}");
-        }
     }
 
     #[test]
