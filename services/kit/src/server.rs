@@ -17,7 +17,18 @@ pub struct ServeArgs {
 
 /// Runs a service's router to completion and turns the outcome into the process exit code, logging why it failed.
 pub async fn run(service: &str, args: &ServeArgs, router: Router) -> ExitCode {
-    match serve(service, args.listen, router).await {
+    run_until(service, args, router, shutdown_signal()).await
+}
+
+/// Like [`run`], stopping when `shutdown` resolves; a service with work of its own beside the HTTP server takes
+/// [`shutdown_signal`] before it starts that work.
+pub async fn run_until(
+    service: &str,
+    args: &ServeArgs,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> ExitCode {
+    match serve(service, args.listen, router, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(service, error = %err, "service stopped");
@@ -26,28 +37,42 @@ pub async fn run(service: &str, args: &ServeArgs, router: Router) -> ExitCode {
     }
 }
 
-/// Binds `addr` and serves `router` until SIGINT or SIGTERM, letting in-flight requests finish.
-pub async fn serve(service: &str, addr: SocketAddr, router: Router) -> Result<(), KitError> {
+/// Binds `addr` and serves `router` until `shutdown` resolves, letting in-flight requests finish.
+pub async fn serve(
+    service: &str,
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), KitError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| KitError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(KitError::Serve)?;
     tracing::info!(service, %local, "listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await.map_err(KitError::Serve)
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(KitError::Serve)
 }
 
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
-            // Without a SIGTERM handler the default action still stops the process.
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the future is first
+/// polled, so a SIGTERM that arrives while the service is still starting (Kubernetes may send one at any time)
+/// stops it gracefully instead of killing it. Call it inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Without a handler the signal's default action still stops the process.
+    let mut terminate = signal(SignalKind::terminate()).ok();
+    let mut interrupt = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            () = received(terminate.as_mut()) => {},
+            () = received(interrupt.as_mut()) => {},
         }
-    };
-    tokio::select! {
-        _ = interrupt => {},
-        _ = terminate => {},
+        tracing::info!("shutting down: finishing in-flight requests");
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Resolves when `stream` delivers a signal; never when there is no stream.
+async fn received(stream: Option<&mut tokio::signal::unix::Signal>) {
+    match stream {
+        Some(stream) => {
+            stream.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
 }

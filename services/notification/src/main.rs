@@ -56,6 +56,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<ExitCode, String> {
+    // Before the consumer starts: a SIGTERM from then on stops both gracefully.
+    let stop = server::shutdown_signal();
     let serving = !matches!(args.command, Some(Command::Migrate));
     // Checked before connecting to anything, so a bad setting is reported at once.
     let consumer_config = if serving && !args.consumer.disable_consumer {
@@ -87,7 +89,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     let openapi = serde_json::to_value(ApiDoc::openapi()).map_err(|e| e.to_string())?;
     let readiness = Readiness { redis: Some(redis.clone()), postgres: Some(db.clone()) };
     let app = http::app("notification", api::routes(db, redis), readiness, openapi, &Limits::default());
-    let code = server::run("notification", &args.serve, app).await;
+    let code = server::run_until("notification", &args.serve, app, stop).await;
     // The server returns on SIGTERM (or when it cannot serve): the consumer stops with it.
     shutdown.cancel();
     if let Some(consumer) = consumer
