@@ -259,7 +259,9 @@ fi
 
 env_up_stop_on_exit cluster
 # shellcheck disable=SC2154 # status is assigned in the trap itself
-trap 'status=$?; cleanup; (exit $status); _env_stop_started' EXIT
+# errexit off inside: `(exit $status)` hands the status to _env_stop_started, and must not end the trap before it
+# stops what this script started.
+trap 'status=$?; set +e; cleanup; (exit $status); _env_stop_started' EXIT
 "$KUBECTL" apply --server-side -f crds/ >/dev/null
 namespace="kubesaga-chart-check-$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')"
 "$KUBECTL" create namespace "$namespace" >/dev/null
