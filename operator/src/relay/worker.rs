@@ -219,10 +219,8 @@ impl Worker {
                 ));
             }
         };
+        // `stringData` is write-only: the API server folds it into `data`, so a read never carries it.
         let value = secret.data.as_ref().and_then(|d| d.get(&reference.key)).map(|v| v.0.clone());
-        let value = value.or_else(|| {
-            secret.string_data.as_ref().and_then(|d| d.get(&reference.key)).map(|v| v.clone().into_bytes())
-        });
         match value.map(String::from_utf8) {
             Some(Ok(url)) if !url.trim().is_empty() => Ok(url.trim().to_owned()),
             Some(_) => Err((
