@@ -144,6 +144,15 @@ wait_until 60 "both customers notified" notified ||
   die "the notifications did not arrive within 60s; see $dir/logs/notification.log and $KUBECTL get outboxrelays -n $namespace"
 psql_q "$NOTIFICATION_DATABASE_URL" \
   "SELECT order_id, channel, recipient, subject FROM notifications WHERE order_id IN ($ids) ORDER BY sent_at"
+# The relays write their counts at most every 10 s; wait for the ones that include this run's events.
+counted() {
+  local svc published
+  for svc in order inventory payment; do
+    published=$("$KUBECTL" get outboxrelay "$svc-outbox" -n "$namespace" -o jsonpath='{.status.publishedTotal}')
+    [ "${published:-0}" -gt 0 ] || return 1
+  done
+}
+wait_until 30 "the relays' counts" counted || log "the relays' counts are not written yet; they follow within 10 s"
 "$KUBECTL" get outboxrelays -n "$namespace"
 
 cat <<TEXT
